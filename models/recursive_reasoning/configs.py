@@ -1,0 +1,126 @@
+"""Config schemas of the recursive-reasoning architectures (``config/arch/*.yaml``).
+
+Keys, meanings and defaults are upstream's (spec §1.2); paper symbols in brackets. Each schema
+is registered under a short name with upstream's ``module@Class`` string as an alias. Keys the
+model gets from the data (``batch_size``, ``seq_len``, ``vocab_size``,
+``num_puzzle_identifiers``) are not part of the YAML and are passed separately.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from utils.config import ARCH_CONFIGS, ArchConfig
+
+PosEncodings = Literal["rope", "learned", "none"]
+ForwardDtype = Literal["bfloat16", "float32"]
+
+
+class RecursiveArchConfig(ArchConfig):
+    """Keys shared by every architecture of the family."""
+
+    halt_exploration_prob: float = Field(0.1, ge=0, le=1)
+    halt_max_steps: int = Field(16, ge=1, description="N_sup: maximum supervision (ACT) steps")
+    H_cycles: int = Field(3, ge=1, description="T: outer recursions per ACT step")
+    L_cycles: int = Field(6, ge=1, description="n: latent updates per outer recursion")
+    H_layers: int = Field(0, ge=0)
+    L_layers: int = Field(2, ge=1)
+    hidden_size: int = Field(512, ge=1)
+    num_heads: int = Field(8, ge=1)
+    expansion: float = Field(4, gt=0)
+    puzzle_emb_ndim: int = Field(512, ge=0, description="0 disables the puzzle embedding")
+    pos_encodings: PosEncodings = "rope"
+    forward_dtype: ForwardDtype = "bfloat16"
+    mlp_t: bool = False
+    rms_norm_eps: float = Field(1e-5, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> RecursiveArchConfig:
+        if self.hidden_size % self.num_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_heads "
+                f"({self.num_heads})"
+            )
+        return self
+
+
+@ARCH_CONFIGS.register("trm", aliases=["recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1"])
+class TRMConfig(RecursiveArchConfig):
+    """TinyRecursiveReasoningModel_ACTV1: one shared network f, z ← f(z + y + x), y ← f(y + z)."""
+
+    puzzle_emb_len: int = Field(16, ge=0, description="prefix positions; 0 = ceil(ndim/hidden)")
+    no_ACT_continue: bool = True
+
+    @model_validator(mode="after")
+    def _check_prefix(self) -> TRMConfig:
+        if (
+            self.puzzle_emb_len > 0
+            and self.puzzle_emb_ndim > self.puzzle_emb_len * self.hidden_size
+        ):
+            raise ValueError(
+                f"puzzle_emb_ndim ({self.puzzle_emb_ndim}) does not fit in puzzle_emb_len "
+                f"({self.puzzle_emb_len}) × hidden_size ({self.hidden_size}) prefix positions"
+            )
+        return self
+
+
+@ARCH_CONFIGS.register(
+    "trm_singlez", aliases=["recursive_reasoning.trm_singlez@TinyRecursiveReasoningModel_ACTV1"]
+)
+class TRMSingleZConfig(TRMConfig):
+    """Single-latent ablation: only z is carried, z ← f(z + x) n times then z ← f(z)."""
+
+
+@ARCH_CONFIGS.register(
+    "trm_hier6", aliases=["recursive_reasoning.trm_hier6@TinyRecursiveReasoningModel_ACTV1"]
+)
+class TRMHier6Config(TRMConfig):
+    """Multi-scale ablation with six latents z_L1..z_L6; needs L_cycles <= 6."""
+
+    @model_validator(mode="after")
+    def _check_l_cycles(self) -> TRMHier6Config:
+        if self.L_cycles > 6:
+            raise ValueError(
+                f"trm_hier6 has six latents: L_cycles must be <= 6, got {self.L_cycles}"
+            )
+        return self
+
+
+@ARCH_CONFIGS.register("hrm", aliases=["recursive_reasoning.hrm@HierarchicalReasoningModel_ACTV1"])
+class HRMConfig(RecursiveArchConfig):
+    """HRM re-implemented in the TRM code: separate H_level and L_level, one-step gradient."""
+
+    H_cycles: int = Field(2, ge=1)
+    L_cycles: int = Field(2, ge=1)
+    H_layers: int = Field(4, ge=1)
+    L_layers: int = Field(4, ge=1)
+
+
+@ARCH_CONFIGS.register(
+    "transformers_baseline", aliases=["recursive_reasoning.transformers_baseline@Model_ACTV2"]
+)
+class TransformerBaselineConfig(ArchConfig):
+    """Non-recursive baseline: z_H ← H_level(z_H + x) once per ACT step.
+
+    ``num_heads`` need not divide ``hidden_size`` here (upstream's 12 heads of 42 on 512).
+    """
+
+    halt_exploration_prob: float = Field(0.1, ge=0, le=1)
+    halt_max_steps: int = Field(16, ge=1)
+    H_cycles: int = Field(1, ge=1, description="kept for compatibility")
+    L_cycles: int = Field(1, ge=1, description="kept for compatibility")
+    H_layers: int = Field(8, ge=1)
+    L_layers: int = Field(0, ge=0, description="kept for compatibility")
+    hidden_size: int = Field(512, ge=1)
+    num_heads: int = Field(12, ge=1)
+    expansion: float = Field(4, gt=0)
+    puzzle_emb_ndim: int = Field(512, ge=0)
+    pos_encodings: Literal["rope", "learned"] = "rope"
+    forward_dtype: ForwardDtype = "bfloat16"
+    rms_norm_eps: float = Field(1e-5, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    act_enabled: bool = True
+    act_inference: bool = False

@@ -1,0 +1,268 @@
+"""Typed configuration: Hydra composes ``config/``, pydantic decides.
+
+Entry points call ``load_pretrain_config(dict_config)`` right after ``@hydra.main``; it converts
+the DictConfig to plain data and validates it with ``extra="forbid"`` models. The architecture
+section is validated by the schema registered under its ``name`` (``ARCH_CONFIGS``), the
+evaluators by theirs (``EVALUATOR_CONFIGS``). Any problem raises ``ConfigError`` whose message
+names the dotted path, what is wrong and, for unknown keys, the allowed ones.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+from utils.registry import Registry
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message says where and what to change."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture and loss
+# ----------------------------------------------------------------------------------------------
+LOSS_HEADS = {"ACTLossHead": ("losses@ACTLossHead",)}
+LOSS_TYPES = ("stablemax_cross_entropy", "softmax_cross_entropy")
+
+
+class LossConfig(StrictModel):
+    """``arch.loss``: the loss head wrapping the model and its per-token loss function."""
+
+    name: str = "ACTLossHead"
+    loss_type: Literal["stablemax_cross_entropy", "softmax_cross_entropy"] = (
+        "stablemax_cross_entropy"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" in data:
+            name = data["name"]
+            for canonical, aliases in LOSS_HEADS.items():
+                if name == canonical or name in aliases:
+                    return {**data, "name": canonical}
+            raise ValueError(f"unknown loss head '{name}'; choose one of: {', '.join(LOSS_HEADS)}")
+        return data
+
+
+class ArchConfig(StrictModel):
+    """Base of every architecture schema: ``name`` (canonical after validation) and ``loss``."""
+
+    name: str
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+
+ARCH_CONFIGS: Registry[type[ArchConfig]] = Registry(
+    "architecture", modules=["models.recursive_reasoning.configs"]
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluators
+# ----------------------------------------------------------------------------------------------
+class EvaluatorConfig(StrictModel):
+    """Base of every evaluator schema; ``name`` is canonical after validation."""
+
+    name: str
+
+
+EVALUATOR_CONFIGS: Registry[type[EvaluatorConfig]] = Registry("evaluator")
+
+
+@EVALUATOR_CONFIGS.register("arc", aliases=["arc@ARC"])
+class ARCEvaluatorConfig(EvaluatorConfig):
+    """ARC voting evaluator options (spec §7)."""
+
+    name: str = "arc"
+    submission_K: int = Field(2, ge=1)
+    pass_Ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 100, 1000])
+    aggregated_voting: bool = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Top level
+# ----------------------------------------------------------------------------------------------
+class PretrainConfig(StrictModel):
+    """``config/cfg_pretrain.yaml``: upstream's keys, meanings and defaults (spec §1.1).
+
+    ``project_name``, ``run_name``, ``checkpoint_path``, ``load_checkpoint`` and
+    ``eval_save_outputs`` are absent from the YAML, as upstream, so ``+run_name=...`` works.
+    """
+
+    arch: SerializeAsAny[ArchConfig]
+    data_paths: list[str] = Field(min_length=1)
+    data_paths_test: list[str] = Field(default_factory=list)
+    evaluators: list[SerializeAsAny[EvaluatorConfig]] = Field(default_factory=list)
+
+    global_batch_size: int = Field(gt=0)
+    epochs: int = Field(gt=0)
+    eval_interval: int | None = Field(None, gt=0)
+    checkpoint_every_eval: bool = False
+
+    lr: float = Field(ge=0)
+    lr_min_ratio: float = Field(ge=0, le=1)
+    lr_warmup_steps: int = Field(ge=0)
+    beta1: float = Field(ge=0, lt=1)
+    beta2: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    puzzle_emb_weight_decay: float = Field(ge=0)
+    puzzle_emb_lr: float = Field(ge=0)
+
+    seed: int = 0
+    min_eval_interval: int | None = Field(0, ge=0)
+    ema: bool = False
+    ema_rate: float = Field(0.999, gt=0, lt=1)
+    freeze_weights: bool = False
+
+    project_name: str | None = None
+    run_name: str | None = None
+    checkpoint_path: str | None = None
+    load_checkpoint: str | None = None
+    eval_save_outputs: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> PretrainConfig:
+        if self.eval_interval is not None and self.epochs % self.eval_interval != 0:
+            raise ValueError(
+                f"epochs ({self.epochs}) must be a multiple of eval_interval "
+                f"({self.eval_interval}); change one of them"
+            )
+        return self
+
+
+def check_world_size(config: PretrainConfig, world_size: int) -> int:
+    """The local batch size; ``ConfigError`` if the global batch does not split evenly."""
+    if config.global_batch_size % world_size != 0:
+        raise ConfigError(
+            f"global_batch_size ({config.global_batch_size}) must be divisible by the number of "
+            f"processes ({world_size}); change global_batch_size or --nproc-per-node"
+        )
+    return config.global_batch_size // world_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation with readable errors
+# ----------------------------------------------------------------------------------------------
+def _unwrap(annotation: Any) -> Any:
+    """Strip Optional/Annotated/SerializeAsAny down to the class or container type."""
+    origin = get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else annotation
+    return annotation
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the last element of ``loc``."""
+    current: Any = model
+    for part in loc[:-1]:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return None
+            current = field.annotation
+        elif get_origin(current) in (list, tuple) and isinstance(part, int):
+            current = get_args(current)[0]
+        elif get_origin(current) is dict:
+            current = get_args(current)[1]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def format_validation_error(
+    error: ValidationError, model: type[BaseModel], prefix: str = ""
+) -> str:
+    """One line per problem: ``<dotted.path>: <what is wrong>`` (+ allowed keys for typos)."""
+    lines = []
+    for err in error.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in (*([prefix] if prefix else []), *loc)) or "config"
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(model, loc)
+            allowed = ", ".join(sorted(owner.model_fields)) if owner else "?"
+            lines.append(f"{path}: unknown key; allowed keys here: {allowed}")
+        elif err["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            got = "" if isinstance(value, dict | BaseModel) else f" (got {value!r})"
+            lines.append(f"{path}: {msg}{got}")
+    return "; ".join(lines)
+
+
+def validate_model(model: type[M], data: Any, prefix: str = "") -> M:
+    """``model.model_validate(data)`` raising ``ConfigError`` with readable paths."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, model, prefix)) from None
+
+
+def _validate_named(registry: Registry[type[M]], data: Any, path: str) -> M:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'name' key (got {data!r})")
+    if "name" not in data:
+        raise ConfigError(f"{path}.name: required key is missing; choose one of: "
+                          f"{', '.join(registry.names())}")  # fmt: skip
+    try:
+        canonical = registry.canonical(str(data["name"]))
+    except ValueError as e:
+        raise ConfigError(f"{path}.name: {e}") from None
+    return validate_model(registry.get(canonical), {**data, "name": canonical}, prefix=path)
+
+
+def validate_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
+    """Validate plain config data (as composed by Hydra) into a ``PretrainConfig``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+    data = dict(data)
+    if "arch" not in data:
+        raise ConfigError("arch: required key is missing; pick one with arch=<name>")
+    data["arch"] = _validate_named(ARCH_CONFIGS, data["arch"], "arch")
+    evaluators = data.get("evaluators", [])
+    if not isinstance(evaluators, list):
+        raise ConfigError(f"evaluators: expected a list (got {evaluators!r})")
+    data["evaluators"] = [
+        _validate_named(EVALUATOR_CONFIGS, ev, f"evaluators.{i}") for i, ev in enumerate(evaluators)
+    ]
+    return validate_model(PretrainConfig, data)
+
+
+def load_pretrain_config(cfg: Any) -> PretrainConfig:
+    """Convert a Hydra DictConfig (or a plain dict) and validate it."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return validate_pretrain_config(data)  # type: ignore[arg-type]
+
+
+def compose(config_name: str = "cfg_pretrain", overrides: list[str] | None = None) -> Any:
+    """Compose ``config/<config_name>.yaml`` with Hydra's compose API (tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])

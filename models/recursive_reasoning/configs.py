@@ -36,6 +36,9 @@ class RecursiveArchConfig(ArchConfig):
     mlp_t: bool = False
     rms_norm_eps: float = Field(1e-5, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
+    halt_at_eval: bool = Field(
+        False, description="new: evaluation stops a sample once its Q head says halt"
+    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> RecursiveArchConfig:
@@ -110,10 +113,10 @@ class TransformerBaselineConfig(ArchConfig):
 
     halt_exploration_prob: float = Field(0.1, ge=0, le=1)
     halt_max_steps: int = Field(16, ge=1)
-    H_cycles: int = Field(1, ge=1, description="kept for compatibility")
-    L_cycles: int = Field(1, ge=1, description="kept for compatibility")
+    H_cycles: int = Field(1, ge=1, description="ignored (kept for compatibility)")
+    L_cycles: int = Field(1, ge=1, description="ignored (kept for compatibility)")
     H_layers: int = Field(8, ge=1)
-    L_layers: int = Field(0, ge=0, description="kept for compatibility")
+    L_layers: int = Field(0, ge=0, description="ignored (kept for compatibility)")
     hidden_size: int = Field(512, ge=1)
     num_heads: int = Field(12, ge=1)
     expansion: float = Field(4, gt=0)
@@ -124,3 +127,6 @@ class TransformerBaselineConfig(ArchConfig):
     rope_theta: float = Field(10000.0, gt=0)
     act_enabled: bool = True
     act_inference: bool = False
+    compute_target_q: bool = Field(
+        False, description="train q_continue on a bootstrapped target (upstream: never)"
+    )

@@ -1,0 +1,294 @@
+"""Loss head of the ACT models: per-token cross-entropy and the halting (Q) losses (spec §3).
+
+``ACTLossHead`` wraps a model and runs one supervision step for every slot of the carry. It does
+not reduce: it returns a ``LossOutput`` holding the per-token LM loss, the per-sample halting
+losses, detached metric sums and the all-halted flag. ``LossOutput.total()`` is upstream's scalar,
+the gradient-descent objective; other reductions (Jacobian-descent objectives) are registered in
+``REDUCTIONS`` and take a ``LossOutput``.
+
+Registries: ``LOSS_FUNCTIONS`` (``arch.loss.loss_type``), ``LOSS_HEADS`` (``arch.loss.name``,
+with upstream's ``losses@ACTLossHead`` alias) and ``REDUCTIONS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from utils.config import LOSS_HEADS as LOSS_HEAD_ALIASES
+from utils.registry import Registry
+
+IGNORE_LABEL_ID = -100
+HALT_LOSS_WEIGHT = 0.5  # upstream: lm_loss + 0.5 · (q_halt_loss + q_continue_loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-token losses
+# ----------------------------------------------------------------------------------------------
+class TokenLossFunction(Protocol):
+    """``(logits [..., V], labels [...], ignore_index, valid_mask [...] | None) -> loss [...]``.
+
+    The loss is unreduced, zero wherever the mask is False, and never indexes with a masked label.
+    """
+
+    def __call__(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        ignore_index: int = IGNORE_LABEL_ID,
+        valid_mask: Tensor | None = None,
+    ) -> Tensor: ...
+
+
+LOSS_FUNCTIONS: Registry[TokenLossFunction] = Registry("loss function")
+
+
+def _stablemax_s(x: Tensor, epsilon: float = 1e-30) -> Tensor:
+    """s(x) = x + 1 for x ≥ 0 and 1 / (1 − x + ε) for x < 0, elementwise."""
+    # Each branch is evaluated only on its own half-line: the values are upstream's
+    # where(x < 0, 1/(1 − x + ε), x + 1), but the discarded branch can no longer have an infinite
+    # derivative (at x = 1 in float32) that where's backward would turn into NaN (0 · inf).
+    negative = 1 / (1 - x.clamp(max=0) + epsilon)
+    positive = x.clamp(min=0) + 1
+    return torch.where(x < 0, negative, positive)
+
+
+def log_stablemax(x: Tensor, dim: int = -1) -> Tensor:
+    """log(s(x) / Σ s(x)) along ``dim``, in the dtype of ``x`` (shape unchanged).
+
+    Stablemax (Prieto et al., "Grokking at the edge of numerical stability") grows linearly
+    instead of exponentially, so large logits neither overflow nor saturate.
+    """
+    s_x = _stablemax_s(x)
+    return torch.log(s_x / torch.sum(s_x, dim=dim, keepdim=True))
+
+
+def _valid_and_safe_labels(
+    labels: Tensor, ignore_index: int, valid_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The mask (``labels != ignore_index`` by default) and int64 labels with 0 where masked."""
+    if valid_mask is None:
+        valid_mask = labels != ignore_index
+    return valid_mask, torch.where(valid_mask, labels, 0).to(torch.long)
+
+
+@LOSS_FUNCTIONS.register("stablemax_cross_entropy")
+def stablemax_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int = IGNORE_LABEL_ID,
+    valid_mask: Tensor | None = None,
+) -> Tensor:
+    """Per-token −log stablemax(logits)[label]: logits [..., V], labels [...] → loss [...].
+
+    Computed in float64 (float32 on MPS, which has no float64), as upstream; positions where
+    ``valid_mask`` (default ``labels != ignore_index``) is False are exactly 0 and their labels
+    are never used as an index.
+    """
+    dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+    logprobs = log_stablemax(logits.to(dtype), dim=-1)
+    valid_mask, safe_labels = _valid_and_safe_labels(labels, ignore_index, valid_mask)
+    label_logprobs = torch.gather(logprobs, dim=-1, index=safe_labels.unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid_mask, -label_logprobs, 0)
+
+
+@LOSS_FUNCTIONS.register("softmax_cross_entropy")
+def softmax_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int = IGNORE_LABEL_ID,
+    valid_mask: Tensor | None = None,
+) -> Tensor:
+    """Per-token softmax cross-entropy in float32: logits [..., V], labels [...] → loss [...].
+
+    Masked positions (``valid_mask`` False, default ``labels != ignore_index``) are exactly 0.
+    Upstream's version took no ``valid_mask`` and raised a TypeError when selected.
+    """
+    valid_mask, safe_labels = _valid_and_safe_labels(labels, ignore_index, valid_mask)
+    loss = F.cross_entropy(
+        logits.to(torch.float32).reshape(-1, logits.shape[-1]),
+        safe_labels.reshape(-1),
+        reduction="none",
+    ).view(labels.shape)
+    return torch.where(valid_mask, loss, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Structured output and its reductions
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class LossOutput:
+    """One supervision step's losses, unreduced (B = local batch, S = sequence length).
+
+    * ``token_loss`` [B, S]: per-token cross-entropy (float64 for stablemax), 0 at ignored
+      tokens, with grad; covers every slot, halted or not (deep supervision).
+    * ``loss_divisor`` [B] int64: max(number of labelled tokens, 1).
+    * ``q_halt_loss`` [B]: BCE-with-logits of ``q_halt_logits`` against "every labelled token
+      is correct", with grad, unweighted.
+    * ``q_continue_loss`` [B] or None: BCE-with-logits of ``q_continue_logits`` against the
+      model's bootstrapped ``target_q_continue``; None when the model gives no target.
+    * ``metrics``: detached scalar sums over halted slots with labels (``count``, ``accuracy``,
+      ``exact_accuracy``, ``q_halt_accuracy``, ``steps``) and the summed losses (``lm_loss``,
+      ``q_halt_loss``, ``q_continue_loss`` when present). Divide by ``count`` (metrics) or by
+      the global batch (losses) after summing over processes.
+    * ``outputs``: detached model outputs named in ``return_keys`` plus ``preds`` [B, S].
+    * ``all_halted``: bool scalar tensor, every slot halted at this step.
+    * ``new_carry``: the model's carry after the step.
+    """
+
+    token_loss: Tensor
+    loss_divisor: Tensor
+    q_halt_loss: Tensor
+    q_continue_loss: Tensor | None
+    metrics: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+    all_halted: Tensor
+    new_carry: Any
+
+    @property
+    def normalized_token_loss(self) -> Tensor:
+        """[B, S]: ``token_loss / loss_divisor`` (each sequence's tokens sum to its mean loss)."""
+        return self.token_loss / self.loss_divisor.unsqueeze(-1)
+
+    @property
+    def lm_loss_per_sample(self) -> Tensor:
+        """[B]: mean token loss of each sequence (0 for a sequence without labels)."""
+        return self.normalized_token_loss.sum(-1)
+
+    @property
+    def halt_loss_per_sample(self) -> Tensor:
+        """[B]: ``0.5 · (q_halt_loss + q_continue_loss)``, the halting part of ``total()``."""
+        halt_B = self.q_halt_loss
+        if self.q_continue_loss is not None:
+            halt_B = halt_B + self.q_continue_loss
+        return HALT_LOSS_WEIGHT * halt_B
+
+    def total(self) -> Tensor:
+        """Upstream's scalar: Σ_b lm_loss_per_sample + 0.5 · (Σ_b q_halt + Σ_b q_continue).
+
+        Summed over the local batch, not divided by anything: the training loop divides by the
+        global batch size once.
+        """
+        halt = self.q_halt_loss.sum()
+        if self.q_continue_loss is not None:
+            halt = halt + self.q_continue_loss.sum()
+        return self.normalized_token_loss.sum() + HALT_LOSS_WEIGHT * halt
+
+
+Reduction = Callable[[LossOutput], Tensor]
+REDUCTIONS: Registry[Reduction] = Registry("loss reduction")
+
+
+@REDUCTIONS.register("sum")
+def reduce_sum(output: LossOutput) -> Tensor:
+    """The gradient-descent objective: ``output.total()``, a scalar."""
+    return output.total()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss head
+# ----------------------------------------------------------------------------------------------
+class ACTCarry(Protocol):
+    """What the loss head reads from the model's carry after a step."""
+
+    halted: Tensor  # bool [B]
+    steps: Tensor  # int32 [B]
+    current_data: dict[str, Tensor]  # the data each slot used; "labels" int [B, S]
+
+
+LOSS_HEADS: Registry[type[nn.Module]] = Registry("loss head")
+
+
+@LOSS_HEADS.register("ACTLossHead", aliases=LOSS_HEAD_ALIASES["ACTLossHead"])
+class ACTLossHead(nn.Module):
+    """Wraps an ACT model: one supervision step → ``LossOutput`` (upstream ``ACTLossHead``).
+
+    The model is kept as attribute ``model`` so that state-dict keys read ``model.inner....``
+    as upstream's. ``model(carry, batch)`` must return ``(new_carry, outputs)`` with
+    ``outputs["logits"]`` [B, S, V], ``outputs["q_halt_logits"]`` and
+    ``outputs["q_continue_logits"]`` [B], and optionally ``outputs["target_q_continue"]`` [B].
+    """
+
+    def __init__(self, model: nn.Module, loss_type: str = "stablemax_cross_entropy") -> None:
+        super().__init__()
+        self.model = model
+        self.loss_type = LOSS_FUNCTIONS.canonical(loss_type)
+        self.loss_fn = LOSS_FUNCTIONS.get(self.loss_type)
+
+    def initial_carry(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's initial carry (every slot halted, so the first step loads the batch)."""
+        return self.model.initial_carry(*args, **kwargs)
+
+    def forward(
+        self,
+        return_keys: Sequence[str] = (),
+        *,
+        carry: Any,
+        batch: dict[str, Tensor],
+    ) -> LossOutput:
+        """One supervision step on ``batch`` (inputs/labels [B, S], puzzle_identifiers [B]).
+
+        Labels come from ``new_carry.current_data``: slots that did not halt at the previous
+        step keep their old sample, and the batch's sample at that slot is not used.
+        Keys of ``return_keys`` that the model does not output are skipped (the evaluation loop
+        also asks for batch keys).
+        """
+        new_carry: ACTCarry
+        new_carry, outputs = self.model(carry=carry, batch=batch)
+        labels_BS = new_carry.current_data["labels"]
+        logits_BSV = outputs["logits"]
+        q_halt_B = outputs["q_halt_logits"]
+
+        with torch.no_grad():
+            preds_BS = torch.argmax(logits_BSV, dim=-1)
+            mask_BS = labels_BS != IGNORE_LABEL_ID
+            counts_B = mask_BS.sum(-1)
+            divisor_B = counts_B.clamp_min(1)  # a sequence without labels would divide by 0
+            is_correct_BS = mask_BS & (preds_BS == labels_BS)
+            seq_is_correct_B = is_correct_BS.sum(-1) == counts_B
+
+            valid_B = new_carry.halted & (counts_B > 0)
+            token_accuracy_B = (is_correct_BS.to(torch.float32) / divisor_B.unsqueeze(-1)).sum(-1)
+            metrics = {
+                "count": valid_B.sum(),
+                "accuracy": torch.where(valid_B, token_accuracy_B, 0).sum(),
+                "exact_accuracy": (valid_B & seq_is_correct_B).sum(),
+                "q_halt_accuracy": (valid_B & ((q_halt_B >= 0) == seq_is_correct_B)).sum(),
+                "steps": torch.where(valid_B, new_carry.steps, 0).sum(),
+            }
+
+        token_loss_BS = self.loss_fn(
+            logits_BSV, labels_BS, ignore_index=IGNORE_LABEL_ID, valid_mask=mask_BS
+        )
+        q_halt_loss_B = F.binary_cross_entropy_with_logits(
+            q_halt_B, seq_is_correct_B.to(q_halt_B.dtype), reduction="none"
+        )
+        q_continue_loss_B = None
+        if "target_q_continue" in outputs:
+            q_continue_loss_B = F.binary_cross_entropy_with_logits(
+                outputs["q_continue_logits"], outputs["target_q_continue"], reduction="none"
+            )
+
+        detached_outputs = {k: outputs[k].detach() for k in return_keys if k in outputs}
+        detached_outputs["preds"] = preds_BS
+        result = LossOutput(
+            token_loss=token_loss_BS,
+            loss_divisor=divisor_B,
+            q_halt_loss=q_halt_loss_B,
+            q_continue_loss=q_continue_loss_B,
+            metrics=metrics,
+            outputs=detached_outputs,
+            all_halted=new_carry.halted.all(),
+            new_carry=new_carry,
+        )
+        with torch.no_grad():
+            metrics["lm_loss"] = result.normalized_token_loss.sum()
+            metrics["q_halt_loss"] = q_halt_loss_B.sum()
+            if q_continue_loss_B is not None:
+                metrics["q_continue_loss"] = q_continue_loss_B.sum()
+        return result

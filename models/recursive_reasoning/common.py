@@ -1,0 +1,449 @@
+"""What every recursive-reasoning architecture shares: blocks, input embedding, carry, ACT.
+
+An architecture is an ``_Inner`` module (one supervision step of recursion, subclassing
+``RecursiveInner``) wrapped by ``ACTModel`` (adaptive computation time over supervision steps,
+with the carry that persists across batches). Module and buffer names follow upstream so that
+its checkpoints load: ``inner.embed_tokens``, ``inner.lm_head``, ``inner.q_head``,
+``inner.puzzle_emb``, ``inner.rotary_emb``/``inner.embed_pos``, ``inner.L_level.layers.N``...
+
+Seams for the roadmap:
+* conditioning: ``RecursiveInner.condition(batch)`` produces the prefix tokens [B, P, D]; the
+  puzzle embedding is today's implementation, a demonstration encoder can override it;
+* recording: ``record_steps(model)`` collects every latent update of a forward without
+  gradients, for step-by-step tracing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.common import trunc_normal_init_
+from models.layers import (
+    Attention,
+    CastedEmbedding,
+    CastedLinear,
+    CosSin,
+    RotaryEmbedding,
+    SwiGLU,
+    rms_norm,
+)
+from models.recursive_reasoning.configs import RecursiveArchConfig
+from models.sparse_embedding import CastedSparseEmbedding
+
+Batch = dict[str, torch.Tensor]
+InnerCarry = dict[str, torch.Tensor]  # named latents, e.g. {"z_H": [B, S, D], "z_L": [B, S, D]}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes that come from the data, not the architecture config (upstream injected them)."""
+
+    batch_size: int  # local (per-process) batch size: the sparse embedding's gradient buffer
+    seq_len: int
+    vocab_size: int
+    num_puzzle_identifiers: int
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` → ``torch.bfloat16``."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype '{name}'")
+    return dtype
+
+
+def prefix_length(puzzle_emb_ndim: int, hidden_size: int, puzzle_emb_len: int) -> int:
+    """Prefix positions: ``puzzle_emb_len``, or ceil(ndim / hidden) when it is 0; none without
+    a puzzle embedding (upstream still reserved ``puzzle_emb_len`` positions then and crashed)."""
+    if puzzle_emb_ndim == 0:
+        return 0
+    return puzzle_emb_len if puzzle_emb_len > 0 else -(puzzle_emb_ndim // -hidden_size)
+
+
+class ReasoningBlock(nn.Module):
+    """Post-norm block: ``h = rms(h + mix(h)); h = rms(h + SwiGLU(h))``.
+
+    ``mix`` is non-causal self-attention (``self_attn``), or with ``mlp_t`` a SwiGLU over the
+    sequence axis (``mlp_t``). In ``mlp_t`` mode the residual and the RMS norm are applied while
+    transposed, so the norm runs over the sequence axis — upstream's behaviour, kept on purpose.
+    """
+
+    def __init__(self, config: RecursiveArchConfig, total_seq_len: int) -> None:
+        super().__init__()
+        self.mlp_t_mode = bool(getattr(config, "mlp_t", False))
+        self.norm_eps = config.rms_norm_eps
+        if self.mlp_t_mode:
+            self.mlp_t = SwiGLU(hidden_size=total_seq_len, expansion=config.expansion)
+        else:
+            self.self_attn = Attention(
+                hidden_size=config.hidden_size,
+                head_dim=config.hidden_size // config.num_heads,
+                num_heads=config.num_heads,
+                num_key_value_heads=config.num_heads,
+                causal=False,
+            )
+        self.mlp = SwiGLU(hidden_size=config.hidden_size, expansion=config.expansion)
+
+    def forward(self, cos_sin: CosSin | None, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states [B, S, D] → [B, S, D]."""
+        h = hidden_states
+        if self.mlp_t_mode:
+            h_BDS = h.transpose(1, 2)
+            h = rms_norm(h_BDS + self.mlp_t(h_BDS), self.norm_eps).transpose(1, 2)
+        else:
+            h = rms_norm(h + self.self_attn(cos_sin=cos_sin, hidden_states=h), self.norm_eps)
+        return rms_norm(h + self.mlp(h), self.norm_eps)
+
+
+class ReasoningModule(nn.Module):
+    """``f(h, injection) = layers(h + injection)`` (or ``layers(h)`` without injection);
+    ``layers`` is a ModuleList of blocks."""
+
+    def __init__(self, layers: list[ReasoningBlock]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_injection: torch.Tensor | None,
+        cos_sin: CosSin | None,
+    ) -> torch.Tensor:
+        h = hidden_states if input_injection is None else hidden_states + input_injection
+        for layer in self.layers:
+            h = layer(cos_sin=cos_sin, hidden_states=h)
+        return h
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording (tracing seam)
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class StepRecord:
+    """One latent update: which latent, its outer (H) cycle, inner (L) step, and the value."""
+
+    name: str
+    h_cycle: int
+    l_step: int | None
+    value: torch.Tensor  # [B, S, D], detached
+
+
+@dataclass
+class StepRecorder:
+    """Collects every latent update of the forwards run inside ``record_steps``.
+
+    ``act_steps[k]`` lists the updates of the k-th supervision step, in execution order.
+    """
+
+    act_steps: list[list[StepRecord]] = field(default_factory=list)
+
+    def start_step(self) -> None:
+        self.act_steps.append([])
+
+    def add(self, name: str, h_cycle: int, l_step: int | None, value: torch.Tensor) -> None:
+        if not self.act_steps:
+            self.start_step()
+        self.act_steps[-1].append(StepRecord(name, h_cycle, l_step, value.detach().clone()))
+
+
+@contextlib.contextmanager
+def record_steps(model: nn.Module) -> Iterator[StepRecorder]:
+    """Record the latents of every forward of ``model`` (any module holding a RecursiveInner).
+
+    Recording copies tensors and adds no graph; the model computes exactly what it would
+    without the recorder.
+    """
+    inners = [m for m in model.modules() if isinstance(m, RecursiveInner)]
+    if not inners:
+        raise ValueError(f"{type(model).__name__} has no recursive inner model to record")
+    recorder = StepRecorder()
+    for inner in inners:
+        inner._recorder = recorder
+    try:
+        yield recorder
+    finally:
+        for inner in inners:
+            inner._recorder = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Inner model base
+# ----------------------------------------------------------------------------------------------
+class RecursiveInner(nn.Module):
+    """Embeddings, heads and conditioning of one recursive model; subclasses define
+    ``empty_carry``, ``reset_carry`` and ``forward``.
+
+    Input embedding: ``x = √D · [prefix; embed_tokens(inputs)]`` ([B, P + S, D]), with learned
+    positions added as ``(x + pos)/√2`` before the scale, as upstream.
+    """
+
+    def __init__(self, config: RecursiveArchConfig, dims: ModelDims, puzzle_emb_len: int) -> None:
+        super().__init__()
+        self.config = config
+        self.dims = dims
+        self.forward_dtype = torch_dtype(config.forward_dtype)
+        self.puzzle_emb_len = prefix_length(
+            config.puzzle_emb_ndim, config.hidden_size, puzzle_emb_len
+        )
+        self.total_seq_len = dims.seq_len + self.puzzle_emb_len
+        self._recorder: StepRecorder | None = None
+
+        D = config.hidden_size
+        self.embed_scale = math.sqrt(D)
+        embed_init_std = 1.0 / self.embed_scale
+        self.embed_tokens = CastedEmbedding(dims.vocab_size, D, embed_init_std, self.forward_dtype)
+        self.lm_head = CastedLinear(D, dims.vocab_size, bias=False)
+        self.q_head = CastedLinear(D, 2, bias=True)
+        if config.puzzle_emb_ndim > 0:
+            # Zero-initialised: every puzzle starts from the same (empty) conditioning.
+            self.puzzle_emb = CastedSparseEmbedding(
+                dims.num_puzzle_identifiers,
+                config.puzzle_emb_ndim,
+                batch_size=dims.batch_size,
+                init_std=0,
+                cast_to=self.forward_dtype,
+            )
+        if config.pos_encodings == "rope":
+            self.rotary_emb = RotaryEmbedding(
+                dim=D // config.num_heads,
+                max_position_embeddings=self.total_seq_len,
+                base=config.rope_theta,
+            )
+        elif config.pos_encodings == "learned":
+            self.embed_pos = CastedEmbedding(
+                self.total_seq_len, D, embed_init_std, self.forward_dtype
+            )
+
+    def _init_q_head(self) -> None:
+        # q ≈ −5 at start: sigmoid ≈ 0.007, so nothing halts before the head has learnt.
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5)  # type: ignore[union-attr]
+
+    def _init_buffer(self, name: str) -> None:
+        """A fixed random start state [D] in the forward dtype (never trained)."""
+        init = torch.empty(self.config.hidden_size, dtype=self.forward_dtype)
+        self.register_buffer(name, trunc_normal_init_(init, std=1), persistent=True)
+
+    def blocks(self, n: int) -> ReasoningModule:
+        return ReasoningModule([ReasoningBlock(self.config, self.total_seq_len) for _ in range(n)])
+
+    def cos_sin(self) -> CosSin | None:
+        return self.rotary_emb() if hasattr(self, "rotary_emb") else None
+
+    def condition(self, batch: Batch) -> torch.Tensor | None:
+        """The prefix tokens [B, P, D] (the conditioning seam), or None without a prefix.
+
+        Today: the puzzle's learned vector [B, ndim], zero-padded to P·D and viewed as P tokens.
+        """
+        if self.config.puzzle_emb_ndim == 0:
+            return None
+        emb = self.puzzle_emb(batch["puzzle_identifiers"])
+        pad = self.puzzle_emb_len * self.config.hidden_size - emb.shape[-1]
+        if pad > 0:
+            emb = F.pad(emb, (0, pad))
+        return emb.view(-1, self.puzzle_emb_len, self.config.hidden_size)
+
+    def input_embeddings(self, batch: Batch) -> torch.Tensor:
+        """x [B, P + S, D] in the forward dtype."""
+        x = self.embed_tokens(batch["inputs"].to(torch.int32))
+        prefix = self.condition(batch)
+        if prefix is not None:
+            x = torch.cat((prefix.to(x.dtype), x), dim=-2)
+        if self.config.pos_encodings == "learned":
+            # 1/√2 keeps the variance of the sum of two unit-variance terms at 1.
+            x = 0.707106781 * (x + self.embed_pos.embedding_weight.to(self.forward_dtype))
+        return self.embed_scale * x
+
+    def heads(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits [B, S, V] (prefix dropped), q_halt [B] and q_continue [B] (float32).
+
+        The first prefix position acts as a CLS token for the Q head.
+        """
+        logits = self.lm_head(z_H)[:, self.puzzle_emb_len :]
+        q = self.q_head(z_H[:, 0]).to(torch.float32)
+        return logits, q[..., 0], q[..., 1]
+
+    def record(self, name: str, h_cycle: int, l_step: int | None, value: torch.Tensor) -> None:
+        if self._recorder is not None:
+            self._recorder.add(name, h_cycle, l_step, value)
+
+    def start_record_step(self) -> None:
+        if self._recorder is not None:
+            self._recorder.start_step()
+
+    def empty_latent(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.empty(
+            batch_size, self.total_seq_len, self.config.hidden_size,
+            dtype=self.forward_dtype, device=device,
+        )  # fmt: skip
+
+    def empty_carry(self, batch_size: int, device: torch.device | None = None) -> InnerCarry:
+        """Uninitialised latents; every slot starts halted, so the first step resets them."""
+        return {name: self.empty_latent(batch_size, device) for name in self.carry_inits}
+
+    def reset_carry(self, reset_flag: torch.Tensor, carry: InnerCarry) -> InnerCarry:
+        """Slots where ``reset_flag`` [B] is set restart from their init buffers."""
+        flag = reset_flag.view(-1, 1, 1)
+        return {
+            name: torch.where(flag, getattr(self, buf), carry[name])
+            for name, buf in self.carry_inits.items()
+        }
+
+    # Latent name → init buffer name; set by subclasses (e.g. {"z_H": "H_init", "z_L": "L_init"}).
+    carry_inits: ClassVar[dict[str, str]] = {}
+
+    def forward(
+        self, carry: InnerCarry, batch: Batch
+    ) -> tuple[InnerCarry, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------
+# ACT wrapper
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ACTCarry:
+    """The state that persists across batches: latents, steps taken, halted flags, and the data
+    each slot is working on (inputs, labels, puzzle_identifiers)."""
+
+    inner_carry: InnerCarry
+    steps: torch.Tensor  # int32 [B]
+    halted: torch.Tensor  # bool [B]
+    current_data: Batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain tensors, loadable with ``torch.load(weights_only=True)``."""
+        return {
+            "inner_carry": dict(self.inner_carry),
+            "steps": self.steps,
+            "halted": self.halted,
+            "current_data": dict(self.current_data),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> ACTCarry:
+        return cls(
+            inner_carry=dict(state["inner_carry"]),
+            steps=state["steps"],
+            halted=state["halted"],
+            current_data=dict(state["current_data"]),
+        )
+
+
+class ACTModel(nn.Module):
+    """Adaptive computation time around an inner model (one call = one supervision step).
+
+    1. Halted slots restart: latents from the init buffers, steps 0, data from the new batch;
+       running slots keep their data (the new batch's samples at those slots are not used).
+    2. One inner step; ``steps += 1``; a slot halts at ``halt_max_steps``.
+    3. Training only (and ``halt_max_steps > 1``): also halt when ``q_halt > 0``
+       (``no_ACT_continue``) or ``q_halt > q_continue``; exploration forces, with probability
+       ``halt_exploration_prob``, a minimum step count uniform in [2, halt_max_steps]. Without
+       ``no_ACT_continue`` the Q-continue target is bootstrapped from one more inner step.
+    4. Evaluation runs every step, unless ``halt_at_eval`` lets slots stop on the Q head.
+
+    Subclasses set ``inner_cls`` and may override ``computes_target_q``.
+    """
+
+    inner: RecursiveInner
+
+    def __init__(self, config: RecursiveArchConfig, inner: RecursiveInner) -> None:
+        super().__init__()
+        self.config = config
+        self.inner = inner
+
+    @property
+    def puzzle_emb(self) -> nn.Module:
+        return self.inner.puzzle_emb
+
+    @property
+    def no_ACT_continue(self) -> bool:
+        return bool(getattr(self.config, "no_ACT_continue", False))
+
+    def computes_target_q(self) -> bool:
+        return not self.no_ACT_continue
+
+    def initial_carry(self, batch: Batch) -> ACTCarry:
+        """All slots halted, so the first call loads the batch into every slot."""
+        B = batch["inputs"].shape[0]
+        device = batch["inputs"].device
+        return ACTCarry(
+            inner_carry=self.inner.empty_carry(B, device),
+            steps=torch.zeros(B, dtype=torch.int32, device=device),
+            halted=torch.ones(B, dtype=torch.bool, device=device),
+            current_data={k: torch.empty_like(v) for k, v in batch.items()},
+        )
+
+    def _halt_signal(self, q_halt: torch.Tensor, q_continue: torch.Tensor) -> torch.Tensor:
+        return q_halt > 0 if self.no_ACT_continue else q_halt > q_continue
+
+    def _explore(
+        self, steps: torch.Tensor, halted: torch.Tensor, like: torch.Tensor
+    ) -> torch.Tensor:
+        """Exploration: with probability ``halt_exploration_prob`` a slot must reach a minimum
+        step count drawn uniformly from [2, halt_max_steps] (redrawn at every step)."""
+        explore = torch.rand_like(like) < self.config.halt_exploration_prob
+        min_steps = explore * torch.randint_like(steps, low=2, high=self.config.halt_max_steps + 1)
+        return halted & (steps >= min_steps)
+
+    def _target_q(
+        self, is_last_step: torch.Tensor, inner_carry: InnerCarry, current_data: Batch
+    ) -> torch.Tensor:
+        """Bootstrapped Q-continue target from one more inner step (no replay buffer or target
+        network: the many parallel slots play the role of environments)."""
+        recorder, self.inner._recorder = self.inner._recorder, None
+        try:
+            _, _, (next_q_halt, next_q_continue) = self.inner(inner_carry, current_data)
+        finally:
+            self.inner._recorder = recorder
+        return torch.sigmoid(
+            torch.where(is_last_step, next_q_halt, torch.maximum(next_q_halt, next_q_continue))
+        )
+
+    def update_halting(
+        self,
+        steps: torch.Tensor,
+        inner_carry: InnerCarry,
+        current_data: Batch,
+        outputs: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The halted flags after a step (under no_grad); may add ``target_q_continue``."""
+        q_halt, q_continue = outputs["q_halt_logits"], outputs["q_continue_logits"]
+        is_last_step = steps >= self.config.halt_max_steps
+        halted = is_last_step
+        if self.training and self.config.halt_max_steps > 1:
+            halted = self._explore(steps, halted | self._halt_signal(q_halt, q_continue), q_halt)
+            if self.computes_target_q():
+                outputs["target_q_continue"] = self._target_q(
+                    is_last_step, inner_carry, current_data
+                )
+        elif not self.training and getattr(self.config, "halt_at_eval", False):
+            halted = halted | self._halt_signal(q_halt, q_continue)
+        return halted
+
+    def forward(self, carry: ACTCarry, batch: Batch) -> tuple[ACTCarry, dict[str, torch.Tensor]]:
+        halted = carry.halted
+        inner_carry = self.inner.reset_carry(halted, carry.inner_carry)
+        steps = torch.where(halted, 0, carry.steps)
+        current_data = {
+            k: torch.where(halted.view(-1, *([1] * (batch[k].ndim - 1))), batch[k], v)
+            for k, v in carry.current_data.items()
+        }
+
+        self.inner.start_record_step()
+        inner_carry, logits, (q_halt, q_continue) = self.inner(inner_carry, current_data)
+        outputs = {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue}
+
+        with torch.no_grad():
+            steps = steps + 1
+            new_halted = self.update_halting(steps, inner_carry, current_data, outputs)
+        return ACTCarry(inner_carry, steps, new_halted, current_data), outputs

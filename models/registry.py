@@ -1,0 +1,38 @@
+"""Architecture name → model class, and the constructors the training code calls.
+
+Names are those of ``config/arch/*.yaml`` (``ARCH_CONFIGS``); upstream's ``module@Class``
+strings resolve through the config registry's aliases before they get here.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from models.recursive_reasoning.common import ACTModel, ModelDims
+from utils.config import ARCH_CONFIGS, ArchConfig
+from utils.registry import Registry
+
+MODELS: Registry[type[ACTModel]] = Registry(
+    "architecture",
+    modules=[
+        "models.recursive_reasoning.trm",
+        "models.recursive_reasoning.trm_singlez",
+        "models.recursive_reasoning.trm_hier6",
+        "models.recursive_reasoning.hrm",
+        "models.recursive_reasoning.transformers_baseline",
+    ],
+)
+
+
+def build_model(config: ArchConfig, dims: ModelDims) -> ACTModel:
+    """The ACT model for a validated architecture config."""
+    name = ARCH_CONFIGS.canonical(config.name)
+    return MODELS.get(name)(config, dims)
+
+
+def build_loss_head(config: ArchConfig, dims: ModelDims) -> nn.Module:
+    """``config.loss.name`` wrapped around the model (state-dict keys ``model.inner...``)."""
+    from models.losses import LOSS_HEADS
+
+    model = build_model(config, dims)
+    return LOSS_HEADS.get(config.loss.name)(model, loss_type=config.loss.loss_type)

@@ -36,3 +36,13 @@ def build_loss_head(config: ArchConfig, dims: ModelDims) -> nn.Module:
 
     model = build_model(config, dims)
     return LOSS_HEADS.get(config.loss.name)(model, loss_type=config.loss.loss_type)
+
+
+def describe_model(module: nn.Module) -> dict[str, int]:
+    """Sizes every run reports: trainable parameters (upstream's ``num_params``) and the
+    puzzle-embedding table, which upstream's count leaves out because it is a buffer (TRM#18)."""
+    info = {"num_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+    tables = [m for m in module.modules() if type(m).__name__ == "CastedSparseEmbedding"]
+    info["puzzle_emb_rows"] = sum(int(t.weights.shape[0]) for t in tables)
+    info["puzzle_emb_bytes"] = sum(t.weights.numel() * t.weights.element_size() for t in tables)
+    return info

@@ -1,0 +1,238 @@
+"""Every registered architecture: forward/backward, parameter counts, checkpoint keys.
+
+Golden state-dict keys and shapes live in tests/golden/state_dict_keys.json, generated at the
+paper's ARC config. Regenerate deliberately with
+``TRM_REGEN_GOLDEN=1 pytest tests/test_architectures.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.losses import ACTLossHead, LossOutput
+from models.recursive_reasoning.common import ModelDims, record_steps
+from models.registry import MODELS, build_loss_head, describe_model
+from utils.checkpoint import CheckpointMismatchError, load_model_weights, read_state_dict
+from utils.config import ARCH_CONFIGS, compose, load_pretrain_config
+
+GOLDEN = Path(__file__).parent / "golden" / "state_dict_keys.json"
+ARCHS = ARCH_CONFIGS.names()
+ARC_DIMS = ModelDims(batch_size=2, seq_len=900, vocab_size=12, num_puzzle_identifiers=10)
+TINY_DIMS = ModelDims(batch_size=3, seq_len=10, vocab_size=6, num_puzzle_identifiers=5)
+
+
+def arch_config(arch: str, *overrides: str):
+    return load_pretrain_config(compose(overrides=[f"arch={arch}", *overrides])).arch
+
+
+def tiny_head(arch: str, *overrides: str, dims: ModelDims = TINY_DIMS) -> ACTLossHead:
+    torch.manual_seed(0)
+    return build_loss_head(arch_config(arch, "+experiment=tiny_cpu", *overrides), dims)
+
+
+def tiny_batch(dims: ModelDims = TINY_DIMS) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    shape = (dims.batch_size, dims.seq_len)
+    labels = torch.randint(0, dims.vocab_size, shape, generator=g, dtype=torch.int32)
+    labels[:, -2:] = -100
+    return {
+        "inputs": torch.randint(0, dims.vocab_size, shape, generator=g, dtype=torch.int32),
+        "labels": labels,
+        "puzzle_identifiers": torch.randint(1, dims.num_puzzle_identifiers, (dims.batch_size,),
+                                            generator=g, dtype=torch.int32),
+    }  # fmt: skip
+
+
+def test_registry_has_a_model_for_every_config() -> None:
+    assert MODELS.names() == ARCHS
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_backward(arch: str, dtype: str) -> None:
+    head = tiny_head(arch, f"arch.forward_dtype={dtype}")
+    head.train()
+    b = tiny_batch()
+    carry = head.initial_carry(b)
+    for _ in range(2):
+        out = head(carry=carry, batch=b, return_keys=["logits"])
+        assert isinstance(out, LossOutput)
+        loss = out.total()
+        assert torch.isfinite(loss)
+        loss.backward()
+        carry = out.new_carry
+    assert out.outputs["logits"].dtype == getattr(torch, dtype)
+    grads = {n: p.grad for n, p in head.named_parameters()}
+    assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lm_head" in n)
+    # The puzzle embedding's gradient lands on the batch-sized local buffer.
+    assert head.model.inner.puzzle_emb.local_weights.grad is not None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recording_sees_every_latent_update(arch: str) -> None:
+    head = tiny_head(arch)
+    cfg = head.model.config
+    b = tiny_batch()
+    with record_steps(head) as rec:
+        out = head(carry=head.initial_carry(b), batch=b)
+        head(carry=out.new_carry, batch=b)
+    assert len(rec.act_steps) == 2
+    n = len(rec.act_steps[0])
+    expected = {
+        "trm": cfg.H_cycles * (cfg.L_cycles + 1),
+        "trm_singlez": cfg.H_cycles * (cfg.L_cycles + 1),
+        "trm_hier6": cfg.H_cycles * (cfg.L_cycles + 1),
+        "hrm": cfg.H_cycles * (cfg.L_cycles + 1),
+        "transformers_baseline": 1,
+    }[arch]
+    assert n == expected
+    last = rec.act_steps[0][-1]
+    assert not last.value.requires_grad
+    # The recorded final latent is the one carried to the next step.
+    carried = out.new_carry.inner_carry["z_H" if arch != "trm_singlez" else "z_L"]
+    torch.testing.assert_close(last.value, carried)
+
+
+def test_hrm_takes_a_one_step_gradient() -> None:
+    head = tiny_head("hrm")
+    inner = head.model.inner
+    flags: list[tuple[str, bool]] = []
+    inner.L_level.register_forward_hook(lambda *_: flags.append(("L", torch.is_grad_enabled())))
+    inner.H_level.register_forward_hook(lambda *_: flags.append(("H", torch.is_grad_enabled())))
+    head.eval()
+    b = tiny_batch()
+    head(carry=head.initial_carry(b), batch=b)
+    H, L = head.model.config.H_cycles, head.model.config.L_cycles
+    assert [f for f in flags if f[1]] == [("L", True), ("H", True)]
+    assert sum(1 for f in flags if f[0] == "L") == H * L
+    assert sum(1 for f in flags if f[0] == "H") == H
+
+
+def test_baseline_halts_only_with_act_and_reports_actual_steps() -> None:
+    head = tiny_head("transformers_baseline", "arch.act_inference=True")
+    head.eval()
+    with torch.no_grad():
+        head.model.inner.q_head.bias.copy_(torch.tensor([1.0, 0.0]))
+    b = tiny_batch()
+    out = head(carry=head.initial_carry(b), batch=b, return_keys=["actual_steps"])
+    assert out.new_carry.halted.all()
+    assert out.outputs["actual_steps"].tolist() == [1.0] * 3
+    head = tiny_head("transformers_baseline")
+    head.eval()
+    out = head(carry=head.initial_carry(b), batch=b)
+    assert not out.new_carry.halted.any()  # act_inference off: every step runs
+
+
+@pytest.mark.parametrize(
+    ("arch", "overrides", "dims", "expected"),
+    [
+        ("trm", [], ARC_DIMS, 6_829_058),  # paper's "7M", ARC attention config
+        ("trm", ["arch.mlp_t=True", "arch.pos_encodings=none"], ARC_DIMS, 18_801_666),
+        ("trm", ["arch.mlp_t=True", "arch.pos_encodings=none"],
+         ModelDims(2, 81, 11, 2), 5_028_866),  # Sudoku MLP, the paper's "5M"
+        ("hrm", [], ARC_DIMS, 27_276_290),
+    ],
+)  # fmt: skip
+def test_parameter_counts(arch: str, overrides: list[str], dims: ModelDims, expected: int) -> None:
+    head = build_loss_head(arch_config(arch, *overrides), dims)
+    info = describe_model(head)
+    assert info["num_params"] == expected
+    assert info["puzzle_emb_rows"] == dims.num_puzzle_identifiers
+    assert info["puzzle_emb_bytes"] == dims.num_puzzle_identifiers * 512 * 4
+
+
+def _key_shapes(arch: str) -> dict[str, list[int]]:
+    head = build_loss_head(arch_config(arch), ARC_DIMS)
+    return {k: list(v.shape) for k, v in head.state_dict().items()}
+
+
+def test_golden_state_dict_keys() -> None:
+    current = {arch: _key_shapes(arch) for arch in ARCHS}
+    if os.environ.get("TRM_REGEN_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        lines = [
+            f'  "{arch}": {{\n' + ",\n".join(
+                f'    "{key}": {json.dumps(shape)}' for key, shape in sorted(current[arch].items())
+            ) + "\n  }"
+            for arch in sorted(current)
+        ]  # fmt: skip
+        GOLDEN.write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(golden) == sorted(current)
+    for arch in ARCHS:
+        assert current[arch] == golden[arch], f"{arch}: state-dict keys or shapes changed"
+
+
+def test_trm_keys_are_upstreams() -> None:
+    """Written out by hand from the original code's module tree."""
+    per_layer = ["self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
+                 "mlp.gate_up_proj.weight", "mlp.down_proj.weight"]  # fmt: skip
+    expected = {
+        "model.inner.H_init": [512],
+        "model.inner.L_init": [512],
+        "model.inner.embed_tokens.embedding_weight": [12, 512],
+        "model.inner.lm_head.weight": [12, 512],
+        "model.inner.q_head.weight": [2, 512],
+        "model.inner.q_head.bias": [2],
+        "model.inner.puzzle_emb.weights": [10, 512],
+    }
+    shapes = [[1536, 512], [512, 512], [3072, 512], [512, 1536]]
+    for i in range(2):
+        for name, shape in zip(per_layer, shapes, strict=True):
+            expected[f"model.inner.L_level.layers.{i}.{name}"] = shape
+    assert _key_shapes("trm") == expected
+    hier6 = _key_shapes("trm_hier6")
+    assert {k for k in hier6 if k.endswith("_init")} == {
+        "model.inner.H_init",
+        *(f"model.inner.L{i}_init" for i in range(1, 7)),
+    }
+    assert "model.inner.H_init" not in _key_shapes("trm_singlez")
+    base = _key_shapes("transformers_baseline")
+    assert base["model.inner.H_level.layers.7.self_attn.o_proj.weight"] == [512, 504]
+
+
+def test_upstream_state_dict_round_trips(tmp_path: Path) -> None:
+    """An upstream ``step_N`` file (compiled: ``_orig_mod.`` keys) loads with strict matching."""
+    src = tiny_head("trm")
+    with torch.no_grad():
+        src.model.inner.puzzle_emb.weights.normal_()
+    path = tmp_path / "step_100"
+    torch.save({f"_orig_mod.{k}": v for k, v in src.state_dict().items()}, path)
+    dst = tiny_head("trm")
+    load_model_weights(dst, read_state_dict(path), source=str(path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+
+
+def test_puzzle_embedding_resizes_to_the_mean_and_other_mismatches_fail(tmp_path: Path) -> None:
+    src = tiny_head("trm")
+    with torch.no_grad():
+        src.model.inner.puzzle_emb.weights.normal_()
+    state = src.state_dict()
+    bigger = ModelDims(TINY_DIMS.batch_size, TINY_DIMS.seq_len, TINY_DIMS.vocab_size, 9)
+    dst = tiny_head("trm", dims=bigger)
+    load_model_weights(dst, state)
+    table = dst.model.inner.puzzle_emb.weights
+    assert table.shape[0] == 9
+    torch.testing.assert_close(table, state["model.inner.puzzle_emb.weights"].mean(0).expand(9, -1))
+    with pytest.raises(CheckpointMismatchError, match=r"puzzle_emb\.weights has shape"):
+        load_model_weights(tiny_head("trm", dims=bigger), state, resize_puzzle_emb=False)
+    with pytest.raises(CheckpointMismatchError, match=r"keys do not match .*L_level\.layers\.1"):
+        load_model_weights(tiny_head("trm", "arch.L_layers=2"), state)
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"embedding_weight has shape \(6, 64\), the model expects \(7, 64\)",
+    ):
+        wrong_vocab = ModelDims(TINY_DIMS.batch_size, TINY_DIMS.seq_len, 7, 5)
+        load_model_weights(tiny_head("trm", dims=wrong_vocab), state)
+    (tmp_path / "junk").write_text("not a checkpoint")
+    with pytest.raises(CheckpointMismatchError, match="junk: not a readable state dict"):
+        read_state_dict(tmp_path / "junk")
+    with pytest.raises(FileNotFoundError, match="missing: checkpoint file not found"):
+        read_state_dict(tmp_path / "missing")

@@ -54,10 +54,10 @@ def test_registry_has_a_model_for_every_config() -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_forward_backward(arch: str, dtype: str) -> None:
-    head = tiny_head(arch, f"arch.forward_dtype={dtype}")
+def test_forward_backward(arch: str, dtype: str, device: torch.device) -> None:
+    head = tiny_head(arch, f"arch.forward_dtype={dtype}").to(device)
     head.train()
-    b = tiny_batch()
+    b = {k: v.to(device) for k, v in tiny_batch().items()}
     carry = head.initial_carry(b)
     for _ in range(2):
         out = head(carry=carry, batch=b, return_keys=["logits"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -21,10 +20,11 @@ from models.losses import (
     softmax_cross_entropy,
     stablemax_cross_entropy,
 )
+from tests.conftest import TEST_DEVICE
 from utils.config import LOSS_HEADS as LOSS_HEAD_ALIASES
 from utils.config import LOSS_TYPES
 
-DEVICE = torch.device(os.environ.get("TRM_TEST_DEVICE", "cpu"))
+DEVICE = TEST_DEVICE
 
 
 def t(data: object, dtype: torch.dtype = torch.float32, grad: bool = False) -> Tensor:

@@ -13,7 +13,7 @@ with upstream's ``losses@ACTLossHead`` alias) and ``REDUCTIONS``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -137,6 +137,9 @@ class LossOutput:
       ``q_halt_loss``, ``q_continue_loss`` when present). Divide by ``count`` (metrics) or by
       the global batch (losses) after summing over processes.
     * ``outputs``: detached model outputs named in ``return_keys`` plus ``preds`` [B, S].
+    * ``row_metrics``: the per-slot values [B] behind ``metrics`` (``has_labels``,
+      ``accuracy``, ``exact_accuracy``, ``q_halt_accuracy``, ``steps``), detached; evaluation
+      uses them to score each slot at the step where it halts.
     * ``all_halted``: bool scalar tensor, every slot halted at this step.
     * ``new_carry``: the model's carry after the step.
     """
@@ -149,6 +152,7 @@ class LossOutput:
     outputs: dict[str, Tensor]
     all_halted: Tensor
     new_carry: Any
+    row_metrics: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def normalized_token_loss(self) -> Tensor:
@@ -204,6 +208,18 @@ class ACTCarry(Protocol):
 LOSS_HEADS: Registry[type[nn.Module]] = Registry("loss head")
 
 
+def sum_row_metrics(row_metrics: dict[str, Tensor], halted: Tensor) -> dict[str, Tensor]:
+    """Upstream's metric sums over slots that halted and have labels (``count`` of them)."""
+    valid_B = halted & row_metrics["has_labels"]
+    return {
+        "count": valid_B.sum(),
+        "accuracy": torch.where(valid_B, row_metrics["accuracy"], 0).sum(),
+        "exact_accuracy": (valid_B & row_metrics["exact_accuracy"]).sum(),
+        "q_halt_accuracy": (valid_B & row_metrics["q_halt_accuracy"]).sum(),
+        "steps": torch.where(valid_B, row_metrics["steps"], 0).sum(),
+    }
+
+
 @LOSS_HEADS.register("ACTLossHead", aliases=LOSS_HEAD_ALIASES["ACTLossHead"])
 class ACTLossHead(nn.Module):
     """Wraps an ACT model: one supervision step → ``LossOutput`` (upstream ``ACTLossHead``).
@@ -252,15 +268,14 @@ class ACTLossHead(nn.Module):
             is_correct_BS = mask_BS & (preds_BS == labels_BS)
             seq_is_correct_B = is_correct_BS.sum(-1) == counts_B
 
-            valid_B = new_carry.halted & (counts_B > 0)
-            token_accuracy_B = (is_correct_BS.to(torch.float32) / divisor_B.unsqueeze(-1)).sum(-1)
-            metrics = {
-                "count": valid_B.sum(),
-                "accuracy": torch.where(valid_B, token_accuracy_B, 0).sum(),
-                "exact_accuracy": (valid_B & seq_is_correct_B).sum(),
-                "q_halt_accuracy": (valid_B & ((q_halt_B >= 0) == seq_is_correct_B)).sum(),
-                "steps": torch.where(valid_B, new_carry.steps, 0).sum(),
+            row_metrics = {
+                "has_labels": counts_B > 0,
+                "accuracy": (is_correct_BS.to(torch.float32) / divisor_B.unsqueeze(-1)).sum(-1),
+                "exact_accuracy": seq_is_correct_B,
+                "q_halt_accuracy": (q_halt_B >= 0) == seq_is_correct_B,
+                "steps": new_carry.steps,
             }
+            metrics = sum_row_metrics(row_metrics, new_carry.halted)
 
         token_loss_BS = self.loss_fn(
             logits_BSV, labels_BS, ignore_index=IGNORE_LABEL_ID, valid_mask=mask_BS
@@ -285,6 +300,7 @@ class ACTLossHead(nn.Module):
             outputs=detached_outputs,
             all_halted=new_carry.halted.all(),
             new_carry=new_carry,
+            row_metrics=row_metrics,
         )
         with torch.no_grad():
             metrics["lm_loss"] = result.normalized_token_loss.sum()

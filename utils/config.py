@@ -135,6 +135,20 @@ class PretrainConfig(StrictModel):
     load_checkpoint: str | None = None
     eval_save_outputs: list[str] = Field(default_factory=list)
 
+    # New keys (not in upstream), all defaulting to upstream's behaviour.
+    resume: str | None = Field(
+        None, description="'auto' (latest step_N in checkpoint_path) or a step_N folder"
+    )
+    keep_last: int | None = Field(None, ge=1, description="checkpoints kept (None: all)")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="extra resumable saves")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
+    logger: Literal["wandb", "wandb_offline", "none"] = "wandb"
+    device: str = "auto"
+    compile: bool | Literal["auto"] = Field("auto", description="auto: on CUDA only")
+    deterministic: bool = False
+    grad_clip_norm: float | None = Field(None, gt=0, description="None: no clipping (upstream)")
+    data_workers: int = Field(1, ge=0, le=1, description="DataLoader workers (upstream: 1)")
+
     @model_validator(mode="after")
     def _cross_field(self) -> PretrainConfig:
         if self.eval_interval is not None and self.epochs % self.eval_interval != 0:
@@ -142,7 +156,18 @@ class PretrainConfig(StrictModel):
                 f"epochs ({self.epochs}) must be a multiple of eval_interval "
                 f"({self.eval_interval}); change one of them"
             )
+        if self.resume is not None and self.resume != "auto" and self.load_checkpoint:
+            raise ValueError("give either resume=... or load_checkpoint=..., not both")
         return self
+
+    @property
+    def iterations(self) -> int:
+        """Train/eval cycles: ``epochs // eval_interval`` (one when eval_interval is unset)."""
+        return self.epochs // self.eval_interval if self.eval_interval else 1
+
+    @property
+    def epochs_per_iteration(self) -> int:
+        return self.eval_interval or self.epochs
 
 
 def check_world_size(config: PretrainConfig, world_size: int) -> int:

@@ -8,8 +8,12 @@ mean embedding as upstream does when fine-tuning on a dataset with other puzzles
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,3 +89,102 @@ def load_model_weights(
             f"{tuple(target.shape)}; check the architecture options (hidden_size, vocab, ...)"
         )
     module.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Complete, atomic training checkpoints
+# ----------------------------------------------------------------------------------------------
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+MODEL_FILE = "model.pt"  # the loss head's state dict: model.inner.... (upstream's keys)
+EMA_FILE = "ema.pt"  # the EMA shadow of the trainable parameters, when ema=True
+TRAIN_FILE = "train_state.pt"  # optimizers, step, data position, EMA helper state
+RANK_FILE = "rank_{rank}.pt"  # per-process carry and RNG states
+
+
+def step_dir(checkpoint_path: str | os.PathLike[str], step: int) -> Path:
+    return Path(checkpoint_path) / f"step_{step}"
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint folder counts only once its meta.json (written last) exists."""
+    return (folder / META_FILE).is_file()
+
+
+def list_checkpoints(checkpoint_path: str | os.PathLike[str]) -> list[Path]:
+    """Complete ``step_N`` folders, oldest first."""
+    root = Path(checkpoint_path)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit() and is_complete(p):
+            found.append((int(p.name[5:]), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoint_path: str | os.PathLike[str]) -> Path | None:
+    found = list_checkpoints(checkpoint_path)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    folder: Path,
+    *,
+    rank: int,
+    world_size: int,
+    shared: dict[str, Any] | None,
+    per_rank: dict[str, Any],
+    meta: dict[str, Any],
+    barrier: Any,
+    keep_last: int | None = None,
+) -> None:
+    """Write one checkpoint atomically: a temporary folder renamed to ``folder`` at the end.
+
+    Rank 0 writes ``shared`` (file name → object; model and optimizer state are identical on
+    every rank), each rank its ``per_rank`` object, and rank 0 writes ``meta.json`` last, then
+    renames. A run killed while writing leaves only the temporary folder, which loading ignores
+    and the next save removes. ``barrier()`` synchronises the ranks (a no-op in one process).
+    """
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    if rank == 0:
+        for name, obj in (shared or {}).items():
+            torch.save(obj, tmp / name)
+    torch.save(per_rank, tmp / RANK_FILE.format(rank=rank))
+    barrier()
+    if rank == 0:
+        meta = {**meta, "format_version": FORMAT_VERSION, "world_size": world_size}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+        if keep_last is not None:
+            for old in list_checkpoints(folder.parent)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def load_checkpoint_files(folder: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(shared objects by file name, this rank's object or None) of a complete checkpoint."""
+    if not is_complete(folder):
+        raise FileNotFoundError(f"{folder}: not a complete checkpoint (no {META_FILE})")
+    meta = json.loads((folder / META_FILE).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointMismatchError(
+            f"{folder}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}"
+        )
+    shared: dict[str, Any] = {"meta": meta}
+    for name in (MODEL_FILE, EMA_FILE, TRAIN_FILE):
+        if (folder / name).is_file():
+            shared[name] = torch.load(folder / name, map_location="cpu", weights_only=True)
+    rank_file = folder / RANK_FILE.format(rank=rank)
+    per_rank = (
+        torch.load(rank_file, map_location="cpu", weights_only=True)
+        if rank_file.is_file()
+        else None
+    )
+    return shared, per_rank

@@ -170,6 +170,20 @@ class PretrainConfig(StrictModel):
         return self.eval_interval or self.epochs
 
 
+class EvaluateConfig(StrictModel):
+    """``config/cfg_evaluate.yaml``; unset keys come from the checkpoint's own config."""
+
+    checkpoint: str
+    arch: dict[str, Any] | None = None
+    data_paths: list[str] | None = None
+    global_batch_size: int | None = Field(None, gt=0)
+    evaluators: list[dict[str, Any]] | None = None
+    eval_save_outputs: list[str] = Field(default_factory=list)
+    output_dir: str | None = None
+    use_ema: bool = True
+    device: str = "auto"
+
+
 def check_world_size(config: PretrainConfig, world_size: int) -> int:
     """The local batch size; ``ConfigError`` if the global batch does not split evenly."""
     if config.global_batch_size % world_size != 0:

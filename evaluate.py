@@ -1,0 +1,124 @@
+"""Evaluate a checkpoint: ours (a ``step_N`` folder) or an original ``step_N`` state-dict file.
+
+    python evaluate.py checkpoint=checkpoints/Arc1-ACT-torch/run/step_1000
+    python evaluate.py checkpoint=downloads/step_723914 arch=trm arch.L_cycles=4 \\
+        data_paths="[data/arc2concept-aug-1000]" eval_save_outputs="[inputs,preds]"
+
+Prints the metrics (last line: one JSON object), writes ``submission.json`` for ARC and, with
+``eval_save_outputs``, ``eval_outputs.pt`` (the requested per-example tensors in test-split
+order) into ``output_dir``. Works as plain ``python`` or under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from evaluators.base import build_evaluators
+from models.recursive_reasoning.common import ModelDims
+from models.registry import build_loss_head
+from utils.checkpoint import (
+    CheckpointMismatchError,
+    load_checkpoint_files,
+    load_model_weights,
+    read_state_dict,
+)
+from utils.config import (
+    ConfigError,
+    EvaluateConfig,
+    PretrainConfig,
+    check_world_size,
+    compose,
+    validate_model,
+    validate_pretrain_config,
+)
+from utils.distributed import DistInfo, cleanup, init_distributed
+from utils.training import TrainState, create_dataloader, evaluate, evaluation_weights
+
+
+def resolve(ecfg: EvaluateConfig) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
+    """The run config to evaluate with and the weights, from the checkpoint and overrides."""
+    path = Path(ecfg.checkpoint)
+    if path.is_dir():
+        shared, _ = load_checkpoint_files(path, rank=0)
+        base: dict[str, Any] = dict(shared["meta"]["config"])
+        weights = evaluation_weights(shared, use_ema=ecfg.use_ema)
+    elif path.is_file():
+        weights = read_state_dict(path)
+        saved = path.parent / "all_config.yaml"  # written beside the original checkpoints
+        if saved.is_file():
+            base = yaml.safe_load(saved.read_text())
+        else:
+            base = OmegaConf.to_container(compose("cfg_pretrain"), resolve=True)  # type: ignore[assignment]
+    else:
+        raise FileNotFoundError(f"{path}: checkpoint not found (a step_N folder or file)")
+    if ecfg.arch is not None:
+        base["arch"] = ecfg.arch
+    if ecfg.data_paths is not None:
+        base["data_paths"], base["data_paths_test"] = ecfg.data_paths, []
+    if ecfg.global_batch_size is not None:
+        base["global_batch_size"] = ecfg.global_batch_size
+    if ecfg.evaluators is not None:
+        base["evaluators"] = ecfg.evaluators
+    base.update(
+        eval_save_outputs=ecfg.eval_save_outputs,
+        device=ecfg.device,
+        resume=None,
+        load_checkpoint=None,
+    )
+    return validate_pretrain_config(base), weights
+
+
+def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
+    config, weights = resolve(ecfg)
+    check_world_size(config, dist_info.world_size)
+    loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True)
+    meta = data.metadata
+    dims = ModelDims(
+        batch_size=config.global_batch_size // dist_info.world_size,
+        seq_len=meta.seq_len,
+        vocab_size=meta.vocab_size,
+        num_puzzle_identifiers=meta.num_puzzle_identifiers,
+    )
+    with torch.device(dist_info.device):
+        head = build_loss_head(config.arch, dims)
+    load_model_weights(head, weights, resize_puzzle_emb=False, source=ecfg.checkpoint)
+    state = TrainState(model=head, optimizers=[], base_lrs=[], total_steps=0)
+    evaluators = build_evaluators(
+        config.evaluators, data.config.dataset_paths, data.identifier_offsets
+    )
+    out_dir = Path(ecfg.output_dir or f"{ecfg.checkpoint.rstrip('/')}_eval")
+    result = evaluate(config, state, loader, evaluators, dist_info, out_dir)
+    if dist_info.is_main and result.outputs is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(result.outputs, out_dir / "eval_outputs.pt")
+    return result.metrics
+
+
+@hydra.main(config_path="config", config_name="cfg_evaluate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        ecfg = validate_model(EvaluateConfig, OmegaConf.to_container(cfg, resolve=True))
+        dist_info = init_distributed(ecfg.device)
+        try:
+            metrics = run(ecfg, dist_info)
+        finally:
+            cleanup()
+    except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if dist_info.is_main:
+        for key in sorted(metrics):
+            print(f"{key}: {metrics[key]:.4f}")
+        print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

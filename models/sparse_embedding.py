@@ -169,6 +169,11 @@ class CastedSparseEmbeddingSignSGD_Distributed(torch.optim.Optimizer):
         for group in self.param_groups:
             self._split_group(group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; keep world_size too
+        # (deepcopy and DataLoader workers pickle the optimizer).
+        return {**super().__getstate__(), "world_size": self.world_size}
+
     @staticmethod
     def _split_group(group: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(local_weights, local_ids, weights)`` of a group, or raise."""

@@ -214,3 +214,13 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
     assert torch.equal(rank0, single.weights)
     # Row 1 moved against the global gradient sum (negative in dim 0), not rank 0's (positive).
     assert rank0[1, 0].item() == pytest.approx(1.0 * 0.98 + 0.1)
+
+
+def test_optimizer_survives_deepcopy_and_pickle() -> None:
+    import copy
+    import pickle
+
+    emb = CastedSparseEmbedding(4, 3, batch_size=2, init_std=0, cast_to=torch.float32)
+    opt = CastedSparseEmbeddingSignSGD_Distributed(emb.buffers(), world_size=3)
+    assert copy.deepcopy(opt).world_size == 3
+    assert pickle.loads(pickle.dumps(opt)).world_size == 3

@@ -313,3 +313,17 @@ def test_integer_step_in_a_loaded_state_is_accepted() -> None:
     opt_b.step()
     assert torch.equal(a, b)
     assert opt_b.state[b]["step"].dtype == torch.float32
+
+
+def test_adam_atan2_survives_deepcopy() -> None:
+    import copy
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = AdamATan2([p], lr=0.1, fused=False)
+    clone = copy.deepcopy(opt)
+    assert clone.fused is False
+    q = clone.param_groups[0]["params"][0]
+    assert q is not p
+    q.grad = torch.ones(3)
+    clone.step()  # a working optimizer over its own parameter copy
+    assert torch.all(q < 1) and torch.equal(p, torch.ones(3))

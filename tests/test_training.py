@@ -112,13 +112,17 @@ def test_lr_schedule_and_loss_normalisation(arc_data: Path, tmp_path: Path) -> N
     assert lrs == pytest.approx([0.1, 0.2, 0.3])  # linear warm-up from 0
 
 
-def test_resume_is_bit_identical(arc_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_is_bit_identical(arc_data: Path, tmp_path: Path, workers: int) -> None:
+    """8 steps straight == 4 steps, stop, resume=auto, 4 more (with or without a loader worker,
+    which prefetches ahead of what the loop consumed)."""
+    w = f"data_workers={workers}"
     straight = make_config(arc_data, tmp_path / "a", "max_steps=8", "checkpoint_every_steps=4",
-                           "ema=True")  # fmt: skip
+                           "ema=True", w)  # fmt: skip
     train(straight)
-    first = make_config(arc_data, tmp_path / "b", "max_steps=4", "ema=True")
+    first = make_config(arc_data, tmp_path / "b", "max_steps=4", "ema=True", w)
     train(first)
-    second = make_config(arc_data, tmp_path / "b", "max_steps=8", "ema=True", "resume=auto")
+    second = make_config(arc_data, tmp_path / "b", "max_steps=8", "ema=True", "resume=auto", w)
     outcome = train(second)
     assert outcome.steps == 8
     a = [m for m in metric_lines(tmp_path / "a") if "train/lm_loss" in m]

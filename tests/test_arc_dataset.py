@@ -22,20 +22,9 @@ from dataset.common import (
     inverse_dihedral_transform,
     run_cli,
 )
+from tests.conftest import EXPLICIT
 
 REPO = Path(__file__).resolve().parent.parent
-
-# Explicit numpy forms of the 8 dihedral transforms, in upstream's numbering.
-EXPLICIT = [
-    lambda g: g,
-    lambda g: np.rot90(g, 1),
-    lambda g: np.rot90(g, 2),
-    lambda g: np.rot90(g, 3),
-    lambda g: np.fliplr(g),
-    lambda g: np.flipud(g),
-    lambda g: g.T,
-    lambda g: np.fliplr(np.rot90(g, 1)),
-]
 
 
 def _rand_grid(rng: np.random.Generator, colours: int = 10) -> list[list[int]]:

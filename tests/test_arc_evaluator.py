@@ -24,24 +24,13 @@ from dataset import build_arc_dataset
 from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from evaluators.arc import ARC, _rank, crop, grid_hash
 from evaluators.base import EVALUATORS, Evaluator, build_evaluators
+from tests.conftest import EXPLICIT
 from utils.config import EVALUATOR_CONFIGS, ARCEvaluatorConfig, EvaluatorConfig
 
 PASS_KS = [1, 2, 3]
 NUM_VARIANTS = 4  # the original + 3 augmentations
 CPU = torch.device("cpu")
 GLOBAL_BATCH = 8  # 36 test rows: the last batch has 4 padded (blank) rows
-
-# Explicit numpy forms of the 8 dihedral transforms, in upstream's numbering.
-EXPLICIT = [
-    lambda g: g,
-    lambda g: np.rot90(g, 1),
-    lambda g: np.rot90(g, 2),
-    lambda g: np.rot90(g, 3),
-    lambda g: np.fliplr(g),
-    lambda g: np.flipud(g),
-    lambda g: g.T,
-    lambda g: np.fliplr(np.rot90(g, 1)),
-]
 
 # Per task and test pair, the prediction of variants 0..3: (answer, q_halt logit), or None for
 # no prediction. Answers: "label" (correct), "W1" (label + 1 mod 10), "W2", "W3" (other shapes).

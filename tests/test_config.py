@@ -122,7 +122,10 @@ def test_experiment_recipes_match_the_readme() -> None:
     ("override", "expected"),
     [
         ("+arch.hiden_size=3", "arch.hiden_size: unknown key; allowed keys here: H_cycles"),
-        ("+global_batchsize=3", "global_batchsize: unknown key; allowed keys here: arch, beta1"),
+        (
+            "+global_batchsize=3",
+            "global_batchsize: unknown key; allowed keys here: aggregator, arch, beta1",
+        ),
         ("+arch.loss.los_type=x", "arch.loss.los_type: unknown key; allowed keys here: loss_type"),
         ("+evaluators.0.pass_K=[1]", "evaluators.0.pass_K: unknown key; allowed keys here: "),
         ("arch.name=trn", "arch.name: unknown architecture 'trn'; choose one of: hrm"),
@@ -188,3 +191,9 @@ def test_config_files_are_the_documented_tree() -> None:
     for key in ("run_name", "project_name", "checkpoint_path", "load_checkpoint"):
         assert key not in top
     assert Path(CONFIG_DIR / "experiment" / "tiny_cpu.yaml").is_file()
+
+
+def test_resume_auto_needs_a_fixed_run_folder() -> None:
+    with pytest.raises(ConfigError, match="resume=auto needs a fixed run folder"):
+        load("resume=auto")
+    assert load("resume=auto", "+run_name=x").resume == "auto"

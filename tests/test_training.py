@@ -269,3 +269,40 @@ def test_two_gloo_processes_equal_one(arc_data: Path, tmp_path: Path) -> None:
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "two/step_4/rank_1.pt").is_file()
+
+
+def test_resume_at_an_iteration_boundary_and_no_creep(arc_data: Path, tmp_path: Path) -> None:
+    """A stop right after an iteration's last batch resumes into that iteration's evaluation and
+    continues with the next one; relaunching with a reached max_steps trains nothing."""
+    base = ["epochs=4", "eval_interval=2", "evaluators=[]"]
+    straight = make_config(arc_data, tmp_path / "a", *base)
+    outcome_a = train(straight)
+    per_iteration = outcome_a.steps // 2
+    train(make_config(arc_data, tmp_path / "b", *base, f"max_steps={per_iteration}"))
+    outcome_b = train(make_config(arc_data, tmp_path / "b", *base, "resume=auto"))
+    assert outcome_b.steps == outcome_a.steps
+    a = [m for m in metric_lines(tmp_path / "a") if "train/lm_loss" in m]
+    b = [m for m in metric_lines(tmp_path / "b") if "train/lm_loss" in m]
+    assert a == b
+    again = train(make_config(arc_data, tmp_path / "b", *base, f"max_steps={per_iteration}",
+                              "resume=auto"))  # fmt: skip
+    assert again.steps == outcome_a.steps and again.eval_metrics == {}
+
+
+def test_resume_refuses_to_branch_off_an_older_checkpoint(arc_data: Path, tmp_path: Path) -> None:
+    train(make_config(arc_data, tmp_path, "max_steps=4", "checkpoint_every_steps=2"))
+    with pytest.raises(ValueError, match=r"newer checkpoints \['step_4'\]"):
+        train(make_config(arc_data, tmp_path, "max_steps=6", f"resume={tmp_path / 'step_2'}"))
+    branch = tmp_path / "branch"
+    out = train(make_config(arc_data, branch, "max_steps=3", f"resume={tmp_path / 'step_2'}",
+                            "keep_last=1"))  # fmt: skip
+    assert out.steps == 3 and [p.name for p in ckpt.list_checkpoints(branch)] == ["step_3"]
+
+
+def test_keep_last_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> None:
+    for step in (100, 9):
+        folder = ckpt.step_dir(tmp_path, step)
+        meta = {"step": step}
+        ckpt.save_checkpoint(folder, rank=0, world_size=1, shared={}, per_rank={}, meta=meta,
+                             barrier=lambda: None, keep_last=1)  # fmt: skip
+    assert (tmp_path / "step_9").is_dir()

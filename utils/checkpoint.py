@@ -159,12 +159,18 @@ def save_checkpoint(
     if rank == 0:
         meta = {**meta, "format_version": FORMAT_VERSION, "world_size": world_size}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        # Saving the same step again: move the old folder aside first, so that a kill at any
+        # moment leaves one complete checkpoint of this step.
+        old = folder.with_name(f".{folder.name}.old")
         if folder.exists():
-            shutil.rmtree(folder)
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
         tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
         if keep_last is not None:
-            for old in list_checkpoints(folder.parent)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            for stale in list_checkpoints(folder.parent)[:-keep_last]:
+                if stale != folder:  # never the checkpoint just written
+                    shutil.rmtree(stale, ignore_errors=True)
     barrier()
 
 

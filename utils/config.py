@@ -14,23 +14,15 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
+from utils.objectives import AggregatorConfig, ObjectiveSpec, fold_fork_knobs
 from utils.registry import Registry
+from utils.schema import ConfigError, StrictModel
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
 M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message says where and what to change."""
-
-
-class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +140,8 @@ class PretrainConfig(StrictModel):
     deterministic: bool = False
     grad_clip_norm: float | None = Field(None, gt=0, description="None: no clipping (upstream)")
     data_workers: int = Field(1, ge=0, le=1, description="DataLoader workers (upstream: 1)")
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    aggregator: AggregatorConfig = Field(default_factory=AggregatorConfig)
 
     @model_validator(mode="after")
     def _cross_field(self) -> PretrainConfig:
@@ -158,6 +152,11 @@ class PretrainConfig(StrictModel):
             )
         if self.resume is not None and self.resume != "auto" and self.load_checkpoint:
             raise ValueError("give either resume=... or load_checkpoint=..., not both")
+        if self.resume == "auto" and self.run_name is None and self.checkpoint_path is None:
+            raise ValueError(
+                "resume=auto needs a fixed run folder: give +run_name=... or +checkpoint_path=... "
+                "(the default run name is random)"
+            )
         return self
 
     @property
@@ -275,7 +274,10 @@ def validate_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
     """Validate plain config data (as composed by Hydra) into a ``PretrainConfig``."""
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
-    data = dict(data)
+    try:
+        data = fold_fork_knobs(dict(data))
+    except ValueError as e:
+        raise ConfigError(f"grad_aggregation: {e}") from None
     if "arch" not in data:
         raise ConfigError("arch: required key is missing; pick one with arch=<name>")
     data["arch"] = _validate_named(ARCH_CONFIGS, data["arch"], "arch")
@@ -285,7 +287,29 @@ def validate_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
     data["evaluators"] = [
         _validate_named(EVALUATOR_CONFIGS, ev, f"evaluators.{i}") for i, ev in enumerate(evaluators)
     ]
-    return validate_model(PretrainConfig, data)
+    config = validate_model(PretrainConfig, data)
+    _check_objective_fits_arch(config)
+    return config
+
+
+def _check_objective_fits_arch(config: PretrainConfig) -> None:
+    """Objectives that need per-cycle losses or a halting head fail early on other models."""
+    spec, arch = config.objective, config.arch
+    no_halting = bool(getattr(arch, "no_act", False))
+    problem = None
+    if spec.internal != "none" and arch.name != "trmjd":
+        problem = "needs the per-H-cycle losses of arch=trmjd"
+    elif spec.halt in ("out", "separate") and no_halting:
+        problem = f"puts the halting loss in objectives, but arch={arch.name} has no halting head"
+    if problem is None:
+        return
+    from utils.objectives import MODES, mode_fits
+
+    fits = [m for m in MODES if mode_fits(m, arch.name, no_halting)]
+    raise ConfigError(
+        f"objective.name: '{spec.name}' {problem}; modes that fit arch={arch.name}: "
+        f"{', '.join(fits)}"
+    )
 
 
 def load_pretrain_config(cfg: Any) -> PretrainConfig:

@@ -55,6 +55,11 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
     if not launched_by_torchrun():
         return DistInfo(device=select_device(device_preference))
     local_rank = int(os.environ["LOCAL_RANK"])
+    if int(os.environ["WORLD_SIZE"]) > 1 and ":" in device_preference:
+        raise ValueError(
+            f"device={device_preference} names one device for every process; use device=auto "
+            "or device=cuda under torchrun (each process takes its LOCAL_RANK's GPU)"
+        )
     device = select_device(device_preference, local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -30,8 +30,17 @@ from models.recursive_reasoning.common import ACTCarry, ModelDims
 from models.registry import build_loss_head, describe_model
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
 from utils import checkpoint as ckpt
+from utils import jd
 from utils.config import PretrainConfig, check_world_size
-from utils.distributed import DistInfo, all_reduce_sum_, barrier, broadcast_tensors_, gather_objects
+from utils.distributed import (
+    DistInfo,
+    all_reduce_sum_,
+    barrier,
+    broadcast_object,
+    broadcast_tensors_,
+    gather_objects,
+)
+from utils.objectives import ObjectiveSpec
 from utils.optim import AdamATan2, cosine_schedule_with_warmup_lr_lambda, set_lr
 
 
@@ -88,6 +97,7 @@ class TrainState:
     batches_in_iteration: int = 0  # batches consumed in the current cycle
     carry: ACTCarry | None = None
     ema: EMAHelper | None = None
+    jd: jd.JacobianDescent | None = None  # set when the objective is not plain gradient descent
 
     @property
     def raw_model(self) -> nn.Module:
@@ -166,14 +176,45 @@ def create_train_state(
     if config.ema:
         ema = EMAHelper(mu=config.ema_rate)
         ema.register(head)
-    model: nn.Module = torch.compile(head) if _want_compile(config, dist_info.device) else head
+    descent = None
+    if not is_gradient_descent(config.objective):
+        descent = jd.JacobianDescent(
+            config.objective,
+            config.aggregator,
+            engine_modules=[
+                m for m in head.modules() if any(p.requires_grad for p in m.parameters(False))
+            ],
+            seed=config.seed,
+        )
+    # TorchJD's autogram hooks the eager modules, so Jacobian descent runs uncompiled.
+    compile_model = _want_compile(config, dist_info.device) and descent is None
+    model: nn.Module = torch.compile(head) if compile_model else head
     return TrainState(
         model=model,
         optimizers=optimizers,
         base_lrs=base_lrs,
         total_steps=total_train_steps(config, metadata),
         ema=ema,
+        jd=descent,
     )
+
+
+def _check_eval_data(
+    config: PretrainConfig, train: PuzzleDatasetMetadata, test: PuzzleDatasetMetadata
+) -> None:
+    """Evaluation data the model cannot read fails at start-up, not hours later."""
+    paths = config.data_paths_test or config.data_paths
+    for field in ("seq_len", "vocab_size"):
+        if getattr(test, field) != getattr(train, field):
+            raise ValueError(
+                f"data_paths_test {paths}: {field} {getattr(test, field)} differs from the "
+                f"training data's {getattr(train, field)}; build both with the same builder"
+            )
+    if test.num_puzzle_identifiers > train.num_puzzle_identifiers:
+        raise ValueError(
+            f"data_paths_test {paths}: {test.num_puzzle_identifiers} puzzle identifiers, more "
+            f"than the training data's {train.num_puzzle_identifiers} embedding rows"
+        )
 
 
 def total_train_steps(config: PretrainConfig, metadata: PuzzleDatasetMetadata) -> int:
@@ -256,8 +297,36 @@ def save_train_state(
     return folder
 
 
+def resolve_resume(config: PretrainConfig) -> Path | None:
+    """The checkpoint ``resume`` points at; refuses to branch off an older one in place."""
+    if config.resume == "auto":
+        return ckpt.latest_checkpoint(config.checkpoint_path or "")
+    folder = Path(str(config.resume))
+    if not ckpt.is_complete(folder):
+        raise FileNotFoundError(f"resume={folder}: not a complete checkpoint (no meta.json)")
+    if config.checkpoint_path and folder.parent.resolve() == Path(config.checkpoint_path).resolve():
+        newer = [
+            p.name for p in ckpt.list_checkpoints(folder.parent) if _step_of(p) > _step_of(folder)
+        ]
+        if newer:
+            raise ValueError(
+                f"resume={folder}: {folder.parent} also holds newer checkpoints {newer}, which "
+                "keep_last and resume=auto would mix with this branch; move them away or give "
+                "a new +checkpoint_path"
+            )
+    return folder
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step_"))
+
+
 def resume_train_state(
-    folder: Path, state: TrainState, dist_info: DistInfo, data: PuzzleDataset
+    folder: Path,
+    state: TrainState,
+    dist_info: DistInfo,
+    data: PuzzleDataset,
+    config: PretrainConfig | None = None,
 ) -> None:
     """Load a checkpoint written by ``save_train_state`` into ``state`` and the dataset."""
     shared, per_rank = ckpt.load_checkpoint_files(folder, dist_info.rank)
@@ -272,6 +341,14 @@ def resume_train_state(
         )
     for opt, opt_state in zip(state.optimizers, train["optimizers"], strict=True):
         opt.load_state_dict(opt_state)
+        if config is not None:
+            # The run's configuration wins over the hyper-parameters stored in the checkpoint.
+            for group in opt.param_groups:
+                if "betas" in group:
+                    group["betas"] = (config.beta1, config.beta2)
+                    group["weight_decay"] = config.weight_decay
+                else:
+                    group["weight_decay"] = config.puzzle_emb_weight_decay
     if state.ema is not None:
         if ckpt.EMA_FILE not in shared:
             raise ckpt.CheckpointMismatchError(f"{folder}: has no EMA state but ema=True")
@@ -334,6 +411,97 @@ def reduce_metrics(
     }
 
 
+def _check_finite(loss: torch.Tensor, state: TrainState, last_checkpoint: Path | None) -> None:
+    """Stop every rank together when any rank's loss is NaN or infinite (a rank that raised
+    alone would leave the others waiting in the gradient all-reduce)."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+    all_reduce_sum_(bad)
+    if bad.item() > 0:
+        where = last_checkpoint or "none written yet"
+        raise NonFiniteLossError(
+            f"non-finite loss at step {state.step}; last good checkpoint: {where}"
+        )
+
+
+def is_gradient_descent(spec: ObjectiveSpec) -> bool:
+    """The plain summed loss of one supervision step (``objective=sum``): upstream's path."""
+    return (
+        not spec.keep
+        and spec.halt == "in"
+        and spec.groups is None
+        and spec.supervisions == "one"
+        and spec.internal == "none"
+    )
+
+
+def _objective_backward(
+    config: PretrainConfig,
+    state: TrainState,
+    batch: dict[str, torch.Tensor],
+    last_checkpoint: Path | None,
+) -> tuple[LossOutput, dict[str, float], bool]:
+    """Split the losses into objectives and write the aggregated gradient (``utils.jd``).
+
+    Returns the last supervision step's output, the ``jd/`` metrics and whether ``.grad`` is
+    already reduced across ranks. Stacked supervision steps run on the same batch, each
+    differentiated (or folded into the Jacobian) before the next, so memory stays that of one.
+    """
+    spec, arch = config.objective, config.arch
+    S = arch.halt_max_steps if spec.supervisions == "stacked" else 1
+    families = (0 if spec.internal == "only" else 1) + (
+        arch.H_cycles if spec.internal != "none" else 0
+    )
+    layout = jd.Layout(
+        spec=spec,
+        S=S,
+        C=families,
+        B=batch["inputs"].shape[0],
+        P=batch["inputs"].shape[1],
+        has_halt=not getattr(arch, "no_act", False),
+    )
+    last: dict[str, LossOutput] = {}
+
+    def contributions() -> Iterator[torch.Tensor]:
+        for s in range(S):
+            out: LossOutput = state.model(carry=state.carry, batch=batch, return_keys=())
+            state.carry = out.new_carry
+            last["out"] = out
+            halt = out.halt_loss_per_sample if getattr(out, "has_halting", True) else None
+            c = jd.step_contributions(
+                layout,
+                s,
+                out.normalized_token_loss,
+                halt,
+                getattr(out, "internal_token_loss", None),
+            )
+            _check_finite(c.detach().sum(), state, last_checkpoint)
+            if spec.carry_perturbation_rate > 0 and s < S - 1:
+                state.carry = jd.perturb_carry(state.carry, spec.carry_perturbation_rate)
+            yield c
+            if bool(out.all_halted) and s < S - 1 and spec.supervisions == "stacked":
+                return  # every slot finished early (ACT): the remaining steps contribute nothing
+
+    if layout.m == 1:
+        for c in contributions():  # gradient descent over stacked steps: one backward each
+            (c.sum() / config.global_batch_size).backward()
+        return last["out"], {"jd/num_objectives": 1.0}, False
+    assert state.jd is not None
+    extra = []
+    puzzle_emb = getattr(state.raw_model.model.inner, "puzzle_emb", None)
+    if puzzle_emb is not None and puzzle_emb.local_weights.requires_grad:
+        extra.append(puzzle_emb.local_weights)
+    result = state.jd.step(
+        steps=contributions(),
+        layout=layout,
+        params=[p for p in state.raw_model.parameters() if p.requires_grad],
+        extra_params=extra,
+        global_batch_size=config.global_batch_size,
+        step_index=state.step,
+        all_reduce=all_reduce_sum_,
+    )
+    return last["out"], result.metrics, result.reduced_across_ranks
+
+
 def train_batch(
     config: PretrainConfig,
     state: TrainState,
@@ -349,20 +517,22 @@ def train_batch(
     if state.carry is None:
         state.carry = state.model.initial_carry(batch)
 
-    out: LossOutput = state.model(carry=state.carry, batch=batch, return_keys=())
-    state.carry = out.new_carry
-    loss = REDUCTIONS.get("sum")(out)
-    if not torch.isfinite(loss):
-        where = last_checkpoint or "none written yet"
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) at step {state.step}; last good checkpoint: {where}"
-        )
-    # The one place the loss is normalised: every rank divides its local sum by the global
-    # batch size, and the SUM all-reduce of the gradients then gives the global mean.
-    (loss / config.global_batch_size).backward()
+    if is_gradient_descent(config.objective):
+        out: LossOutput = state.model(carry=state.carry, batch=batch, return_keys=())
+        state.carry = out.new_carry
+        loss = REDUCTIONS.get("sum")(out)
+        _check_finite(loss, state, last_checkpoint)
+        # The one place the loss is normalised: every rank divides its local sum by the global
+        # batch size, and the SUM all-reduce of the gradients then gives the global mean.
+        (loss / config.global_batch_size).backward()
+        jd_metrics: dict[str, float] = {}
+        reduced = False
+    else:
+        out, jd_metrics, reduced = _objective_backward(config, state, batch, last_checkpoint)
 
     params = [p for p in state.raw_model.parameters() if p.requires_grad]
-    _reduce_gradients(params)
+    if not reduced:
+        _reduce_gradients(params)
     grads = [p.grad for p in params if p.grad is not None]
     # The global norm after the reduction, logged before any clipping.
     grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
@@ -385,6 +555,7 @@ def train_batch(
         state.ema.update(state.raw_model)
 
     metrics = reduce_metrics(out.metrics, config.global_batch_size, "train")
+    metrics.update(jd_metrics)
     metrics["train/lr"] = lr_this_step
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)
@@ -528,6 +699,8 @@ def run_training(
         eval_loader, eval_data = None, None
         if dist_info.is_main:
             print(f"no evaluation data ({e}); evaluation is skipped")
+    if eval_data is not None:
+        _check_eval_data(config, train_data.metadata, eval_data.metadata)
     evaluators = []
     if eval_loader is not None and evaluators_factory is not None:
         evaluators = evaluators_factory(eval_data)
@@ -543,18 +716,19 @@ def run_training(
 
     last_checkpoint: Path | None = None
     if config.resume is not None:
-        folder = (
-            ckpt.latest_checkpoint(config.checkpoint_path or "")
-            if config.resume == "auto"
-            else Path(config.resume)
-        )
+        # Rank 0 decides (one view of the shared checkpoint folder) and tells the others.
+        folder = broadcast_object(resolve_resume(config) if dist_info.is_main else None)
         if folder is not None:
-            resume_train_state(folder, state, dist_info, train_data)
+            resume_train_state(folder, state, dist_info, train_data, config)
             last_checkpoint = folder
             if dist_info.is_main:
                 print(f"resumed from {folder} at step {state.step}")
         elif dist_info.is_main:
             print(f"resume=auto: no checkpoint in {config.checkpoint_path}; starting fresh")
+    if config.max_steps is not None and state.step >= config.max_steps:
+        if dist_info.is_main:
+            print(f"max_steps={config.max_steps} already reached at step {state.step}")
+        return RunOutcome(state.step, last_checkpoint, {})
 
     if progress is not None:
         progress.start(total=state.total_steps, initial=state.step)
@@ -563,7 +737,10 @@ def run_training(
     for iteration in range(state.iteration, config.iterations):
         state.model.train()
         started, examples = time.perf_counter(), 0
-        for _set_name, batch, _gbs in train_loader:
+        # A checkpoint taken after an iteration's last batch (before its evaluation) resumes
+        # straight into that evaluation; the data position already points at the next one.
+        finished = 0 < train_data.num_batches(iteration) <= state.batches_in_iteration
+        for _set_name, batch, _gbs in [] if finished else train_loader:
             metrics = train_batch(config, state, batch, dist_info, last_checkpoint)
             state.batches_in_iteration += 1
             if metrics is not None and dist_info.is_main:

@@ -1,0 +1,426 @@
+"""Jacobian descent: losses split into objectives, aggregated with a TorchJD weighting.
+
+Three independent pieces (``../shared/spec/jd-reference.md`` §6):
+
+* **Objectives.** A declarative ``ObjectiveSpec`` says which axes of the unreduced losses stay
+  separate objectives — supervision step (s), H-cycle (c), sample (b), pixel (p) — where the
+  halting loss goes (``in``: added to the objectives of its sample, spread evenly over the other
+  kept axes; ``out``: one objective per sample; ``separate``: one extra objective; ``drop``),
+  and an optional random grouping into k objectives (the same partition on every rank). Every
+  objective is a sum over samples, so objectives are held as per-sample contributions
+  ``[B, m]``; their column sums are the objectives and their total is the gradient-descent loss.
+* **Gramian providers.** ``scalar`` (m = 1: a plain backward, the gradient-descent baseline),
+  ``rows`` (one ``autograd.grad`` per objective: exact for any spec and cheap when objectives live
+  in separate graphs, e.g. stacked supervision steps, each differentiated as soon as its forward
+  is done), ``autogram`` (TorchJD's ``Engine`` for per-sample objectives: one instrumented backward
+  plus one weighted backward, no Jacobian in memory).
+* **Weightings.** Every TorchJD weighting maps the Gramian G = J Jᵀ to weights w; aggregators that
+  need the Jacobian itself (ConFIG, GradDrop, TrimmedMean, NashMTL) use the ``rows`` provider,
+  which materialises J. The update is ``m · Jᵀ w / global_batch`` so that Mean weighting gives
+  exactly the gradient-descent gradient (UPGrad without conflicts then equals it too).
+
+The objectives are never pre-scaled by 1/batch before the Gramian (the fork did, which pushed
+trace(G) under TorchJD's normalisation threshold, silently turning UPGrad into the mean); the
+degeneracy is detected and logged as ``jd/degenerate``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from utils.objectives import AGGREGATOR_CLASSES, AXES, AggregatorConfig, Axis, ObjectiveSpec
+
+NORM_EPS = 1e-4  # TorchJD's QuadprogProjector threshold on trace(G)
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of the atom axes and of the kept axes; objectives are numbered row-major over the
+    kept axes in the order supervision, cycle, sample, pixel, then halting objectives."""
+
+    spec: ObjectiveSpec
+    S: int  # supervision steps in this optimizer step
+    C: int  # loss families per step: 1, or the final loss + H internal losses, or H internal
+    B: int
+    P: int
+    has_halt: bool
+
+    def kept(self, axis: Axis) -> int:
+        size = {"supervision": self.S, "cycle": self.C, "sample": self.B, "pixel": self.P}[axis]
+        return size if axis in self.spec.keep else 1
+
+    @property
+    def m_tokens(self) -> int:
+        return math.prod(self.kept(a) for a in AXES)
+
+    @property
+    def m_halt(self) -> int:
+        if not self.has_halt or self.spec.halt in ("in", "drop"):
+            return 0
+        return 1 if self.spec.halt == "separate" else self.kept("supervision") * self.B
+
+    @property
+    def m(self) -> int:
+        return self.m_tokens + self.m_halt
+
+    def token_index(self, s: int, device: torch.device) -> Tensor:
+        """[B, C', P'] objective index of each (sample, family, pixel) atom of step ``s``."""
+        _, Ck, Bk, Pk = (self.kept(a) for a in AXES)
+        s_idx = s if "supervision" in self.spec.keep else 0
+        c = torch.arange(Ck, device=device).view(1, Ck, 1)
+        b = (
+            torch.arange(self.B, device=device)
+            if Bk > 1
+            else torch.zeros(self.B, dtype=torch.long, device=device)
+        ).view(-1, 1, 1)
+        p = torch.arange(Pk, device=device).view(1, 1, Pk)
+        return ((s_idx * Ck + c) * Bk + b) * Pk + p
+
+    def halt_targets(self, s: int, device: torch.device) -> Tensor:
+        """[B, m_tokens] weights spreading a sample's halting loss over its token objectives."""
+        index = self.token_index(s, device).reshape(self.B, -1)
+        spread = torch.zeros(self.B, self.m_tokens, device=device)
+        spread.scatter_(1, index, 1.0)
+        return spread / spread.sum(1, keepdim=True)
+
+
+def step_contributions(
+    layout: Layout,
+    s: int,
+    token_loss_BP: Tensor,
+    halt_loss_B: Tensor | None,
+    internal_BP: Sequence[Tensor] | None,
+) -> Tensor:
+    """Per-sample contributions [B, m] of supervision step ``s`` to every objective.
+
+    ``token_loss_BP``: the per-token loss divided by each sequence's label count; ``halt_loss_B``:
+    0.5·(BCE of the halting heads); ``internal_BP``: the H per-cycle losses (trmjd).
+    """
+    spec = layout.spec
+    families = []
+    if spec.internal != "only":
+        families.append(token_loss_BP / layout.S)
+    if spec.internal != "none":
+        if internal_BP is None:
+            raise ValueError(f"objective '{spec.name}' needs per-cycle losses: use arch=trmjd")
+        families.extend(spec.intermediate_loss_weight * t / layout.S for t in internal_BP)
+    x = torch.stack(families, dim=1)  # [B, C, P]
+    if "cycle" not in spec.keep:
+        x = x.sum(1, keepdim=True)
+    if "pixel" not in spec.keep:
+        x = x.sum(2, keepdim=True)
+    index = layout.token_index(s, x.device).expand(layout.B, x.shape[1], x.shape[2])
+    out = torch.zeros(layout.B, layout.m, dtype=x.dtype, device=x.device)
+    out = out.scatter_add(1, index.reshape(layout.B, -1), x.reshape(layout.B, -1))
+    if halt_loss_B is None or spec.halt == "drop":
+        return out
+    halt = halt_loss_B.to(out.dtype)
+    if spec.halt == "in":
+        spread = layout.halt_targets(s, out.device).to(out.dtype)
+        return out + torch.nn.functional.pad(halt[:, None] * spread, (0, layout.m_halt))
+    extra = torch.zeros_like(out)
+    if spec.halt == "separate":
+        extra[:, layout.m_tokens] = 1.0
+    else:  # out: one objective per sample (and per step when steps are kept)
+        s_idx = s if "supervision" in spec.keep else 0
+        rows = torch.arange(layout.B, device=out.device)
+        extra[rows, layout.m_tokens + s_idx * layout.B + rows] = 1.0
+    return out + halt[:, None] * extra
+
+
+def grouping_matrix(
+    m: int, k: int | None, seed: int, step: int, device: torch.device | None
+) -> Tensor | None:
+    """[m, k] 0/1 matrix putting the m objectives into k random groups of (nearly) equal size.
+
+    Seeded by (seed, step) only, so every rank draws the same partition; a new one each step.
+    """
+    if k is None or k >= m:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    perm = torch.randperm(m, generator=g)
+    group = torch.empty(m, dtype=torch.long)
+    group[perm] = torch.arange(m) % k
+    return torch.nn.functional.one_hot(group, k).to(device=device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weightings
+# ----------------------------------------------------------------------------------------------
+def build_aggregator(config: AggregatorConfig, m: int) -> Any:
+    """The TorchJD weighting or aggregator named by ``config`` (``m`` objectives)."""
+    from torchjd import aggregation
+
+    options = dict(config.options)
+    if config.name == "constant" and "weights" in options:
+        options["weights"] = torch.as_tensor(options["weights"], dtype=torch.float32)
+    if config.name == "nash_mtl":
+        options.setdefault("n_tasks", m)
+    cls = getattr(aggregation, AGGREGATOR_CLASSES[config.name][0])
+    try:
+        return cls(**options)
+    except ImportError as e:
+        raise ValueError(
+            f"aggregator '{config.name}' needs an optional TorchJD extra ({e}); "
+            "pip install 'torchjd[full]'"
+        ) from None
+    except TypeError as e:
+        raise ValueError(f"aggregator '{config.name}': bad options {options} ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics from G and w
+# ----------------------------------------------------------------------------------------------
+def gramian_metrics(G: Tensor, w: Tensor, tol: float = 1e-6) -> dict[str, float]:
+    """Conflict and agreement measures of the update Jᵀw against the mean gradient, from G only."""
+    G = G.double()
+    w = w.double()
+    m = G.shape[0]
+    ones = torch.full((m,), 1.0 / m, dtype=torch.float64, device=G.device)
+    Gw, G1 = G @ w, G @ ones
+    upd_sq, mean_sq = float(w @ Gw), float(ones @ G1)
+    diag = G.diagonal().clamp_min(1e-30)
+    cos_pairs = G / torch.sqrt(diag[:, None] * diag[None, :])
+    off = ~torch.eye(m, dtype=torch.bool, device=G.device)
+    wn = w.clamp_min(0) / w.clamp_min(0).sum().clamp_min(1e-30)
+    entropy = float(-(wn * torch.log(wn.clamp_min(1e-30))).sum())
+    out = {
+        "num_objectives": float(m),
+        "gramian_trace": float(G.trace()),
+        "degenerate": float(G.trace() < NORM_EPS),
+        "cos_to_mean": float(w @ G1) / math.sqrt(max(upd_sq * mean_sq, 1e-60)),
+        "norm_ratio_to_mean": math.sqrt(max(upd_sq, 0.0) / max(mean_sq, 1e-60)),
+        "mean_increases": float((-tol * G.trace() / m > G1).sum()),
+        "update_conflicts": float((Gw < -tol * G.trace() / m).sum()),
+        "weight_min": float(w.min()),
+        "weight_max": float(w.max()),
+        "weight_entropy": entropy / math.log(m) if m > 1 else 0.0,
+    }
+    if m > 1:
+        out["conflict_rate"] = float((G[off] < 0).double().mean())
+        out["min_pairwise_cos"] = float(cos_pairs[off].min())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient providers
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class JDResult:
+    """What one Jacobian-descent step did (metrics under ``jd/``)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    reduced_across_ranks: bool = False  # True: .grad is already the global update
+
+
+def _flat_grads(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+def _assign_flat(params: Sequence[Tensor], flat: Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = flat[offset : offset + n].view_as(p).to(p.dtype)
+        p.grad = g.clone() if p.grad is None else p.grad + g
+        offset += n
+
+
+class JacobianRows:
+    """Accumulates the Jacobian [m, n] of the objectives, one step's contributions at a time.
+
+    ``add(contrib)`` differentiates every objective that step touched right away, so a step's
+    graph is freed before the next step runs (stacked supervision steps cost one step's
+    activations, not S). Columns ``[:n_dense]`` belong to ``params`` (they form the Gramian);
+    the rest to ``extra`` (the batch rows of the puzzle embedding, which only follow the
+    weights).
+    """
+
+    def __init__(self, params: Sequence[Tensor], extra: Sequence[Tensor], m: int) -> None:
+        self.params = list(params) + list(extra)
+        self.n_dense = sum(p.numel() for p in params)
+        n = sum(p.numel() for p in self.params)
+        self.J = torch.zeros(m, n, dtype=torch.float32, device=self.params[0].device)
+
+    def add(self, contrib_Bm: Tensor) -> None:
+        objectives = contrib_Bm.sum(0)
+        # Objectives this step does not touch have exactly zero contributions (and gradient).
+        touched = (contrib_Bm.detach() != 0).any(0).nonzero().flatten().tolist()
+        for n, i in enumerate(touched):
+            grads = torch.autograd.grad(
+                objectives[i], self.params, retain_graph=n < len(touched) - 1, allow_unused=True
+            )
+            self.J[i] += _flat_grads(grads, self.params).float()
+
+
+def weights_from(
+    G: Tensor, aggregator: Any, kind: str, J: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """(weights [m], direct update [n] or None) for a Gramian or a Jacobian aggregator."""
+    if kind == "gramian":
+        return aggregator(G.to(torch.float32)).to(G.dtype), None
+    if J is None:
+        raise ValueError("this aggregator needs the Jacobian: use objective method 'rows'")
+    update = aggregator(J)
+    # Least-squares weights of the update in the row space, for the metrics only.
+    w = torch.linalg.lstsq(J.T.double(), update.double().unsqueeze(1)).solution.squeeze(1)
+    return w.to(G.dtype), update
+
+
+class JacobianDescent:
+    """One run's Jacobian-descent machinery: spec, aggregator and (lazily) the autogram engine.
+
+    ``step`` turns one optimizer step's per-step contributions into ``.grad``.
+    """
+
+    def __init__(
+        self,
+        spec: ObjectiveSpec,
+        aggregator: AggregatorConfig,
+        engine_modules: Sequence[nn.Module],
+        seed: int,
+    ) -> None:
+        self.spec = spec
+        self.aggregator_config = aggregator
+        self.engine_modules = list(engine_modules)
+        self.seed = seed
+        self._engine: Any = None
+
+    def method(self, layout: Layout) -> str:
+        """The cheapest exact provider for this spec (unless the spec names one)."""
+        if self.spec.method != "auto":
+            return self.spec.method
+        kind = self.aggregator_config.kind
+        per_sample = "sample" in self.spec.keep and layout.m_halt == 0
+        if kind == "gramian" and per_sample and layout.S == 1 and self.spec.groups is None:
+            return "autogram"
+        return "rows"
+
+    def engine(self) -> Any:
+        if self._engine is None:
+            from torchjd.autogram import Engine
+
+            # Created once: the engine hooks the modules for the rest of the run.
+            self._engine = Engine(*self.engine_modules, batch_dim=0)
+        return self._engine
+
+    def step(
+        self,
+        *,
+        steps: Iterable[Tensor],
+        layout: Layout,
+        params: Sequence[Tensor],
+        extra_params: Sequence[Tensor],
+        global_batch_size: int,
+        step_index: int,
+        all_reduce: Callable[[Tensor], Tensor],
+    ) -> JDResult:
+        """Aggregate and write ``.grad``. ``steps`` yields each supervision step's per-sample
+        contributions [B, m] (lazily: the rows provider differentiates each before the next)."""
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        method = self.method(layout)
+        grouping = grouping_matrix(layout.m, self.spec.groups, self.seed, step_index, None)
+        m = layout.m if grouping is None else grouping.shape[1]
+
+        def grouped(c: Tensor) -> Tensor:
+            return c if grouping is None else c @ grouping.to(device=c.device, dtype=c.dtype)
+
+        aggregator, kind = build_aggregator(self.aggregator_config, m), self.aggregator_config.kind
+        scale = m / global_batch_size  # Mean weighting == gradient descent on the summed loss
+        result = JDResult()
+        if method == "rows":
+            rows = JacobianRows(params, extra_params, m)
+            for c in steps:
+                rows.add(grouped(c))
+            J_dense, J_extra = rows.J[:, : rows.n_dense], rows.J[:, rows.n_dense :]
+            if "sample" not in self.spec.keep:
+                # Objectives every rank shares: sum their gradients over ranks, so that every
+                # rank aggregates the same global Jacobian and applies the same update.
+                all_reduce(J_dense)
+                result.reduced_across_ranks = True
+            timings["gramian"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            G = J_dense @ J_dense.T
+            w, update = weights_from(G, aggregator, kind, J_dense)
+            timings["weighting"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            w32 = w.to(torch.float32)
+            dense = update if update is not None else J_dense.T @ w32
+            _assign_flat(rows.params, scale * torch.cat([dense, J_extra.T @ w32]))
+            timings["backward"] = time.perf_counter() - t2
+        elif method == "autogram":
+            if kind != "gramian":
+                raise ValueError(f"aggregator '{self.aggregator_config.name}' needs method rows")
+            engine = self.engine()  # hooks must be in place before the forward runs
+            (c,) = list(steps)
+            c = grouped(c)
+            output, back = _per_sample_output(c, layout)
+            G = back(engine.compute_gramian(output))
+            timings["gramian"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            w, _ = weights_from(G, aggregator, kind, None)
+            timings["weighting"] = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            c.backward(scale * w.to(c.dtype).expand_as(c))
+            timings["backward"] = time.perf_counter() - t2
+        else:
+            raise ValueError(f"unknown Jacobian method '{method}'")
+        result.metrics = {f"jd/{k}": v for k, v in gramian_metrics(G, w).items()}
+        result.metrics.update({f"jd/seconds_{k}": v for k, v in timings.items()})
+        return result
+
+
+def _per_sample_output(c_Bm: Tensor, layout: Layout) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """The tensor whose Gramian autogram computes, and the map from its Gramian to G [m, m].
+
+    With the sample axis kept every objective belongs to one sample: the output is the [B] or
+    [B, g] arrangement of the objectives themselves. Otherwise every sample contributes to every
+    objective: the output is [B, m] and G = Σ_{b, b'} G_fine[(b, ·), (b', ·)].
+    """
+    B, m = c_Bm.shape
+    if "sample" in layout.spec.keep and layout.m_halt == 0:
+        # Column j of sample b is objective token_index: gather each sample's own columns.
+        index = layout.token_index(0, c_Bm.device).reshape(B, -1)
+        output = c_Bm.gather(1, index)
+        order = index.reshape(-1)
+
+        def back(G_fine: Tensor) -> Tensor:
+            G = torch.zeros(m, m, dtype=G_fine.dtype, device=G_fine.device)
+            G[order[:, None], order[None, :]] = G_fine
+            return G
+
+        return (output.squeeze(1) if output.shape[1] == 1 else output), back
+
+    def contract(G_fine: Tensor) -> Tensor:
+        return G_fine.view(B, m, B, m).sum(dim=(0, 2))
+
+    return c_Bm, contract
+
+
+def perturb_carry(carry: Any, rate: float, generator: torch.Generator | None = None) -> Any:
+    """The fork's noise between stacked supervision steps: N(0, rate²) added to every latent
+    of the ACT carry (not to carried logits). Returns a new carry."""
+    noisy = {}
+    for name, z in carry.inner_carry.items():
+        if name == "output_logits":
+            noisy[name] = z
+            continue
+        noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device)
+        noisy[name] = z + (rate * noise).to(z.dtype)
+    return type(carry)(noisy, carry.steps, carry.halted, carry.current_data)

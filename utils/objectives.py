@@ -1,0 +1,186 @@
+"""Config schemas of Jacobian-descent training: ``objective=<mode>`` and ``aggregator=<name>``.
+
+Plain pydantic (no torch import), so that configuration stays fast; ``utils/jd.py`` does the
+work. See that module's docstring for what the fields mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from utils.schema import StrictModel
+
+Axis = Literal["supervision", "cycle", "sample", "pixel"]
+AXES: tuple[Axis, ...] = ("supervision", "cycle", "sample", "pixel")
+
+
+class ObjectiveSpec(StrictModel):
+    """How the unreduced losses become objectives (``config/objective/<name>.yaml``).
+
+    ``keep``: axes that index objectives (all others are summed). ``supervisions: stacked`` runs
+    ``halt_max_steps`` supervision steps on the same batch inside one optimizer step (each
+    step's token losses divided by their number, as the fork). ``internal``: the per-H-cycle
+    losses of ``arch=trmjd`` (weighted by ``intermediate_loss_weight``) join the final loss
+    (``with_final``) or replace it (``only``).
+    """
+
+    name: str = "sum"
+    keep: list[Axis] = Field(default_factory=list)
+    halt: Literal["in", "out", "separate", "drop"] = "in"
+    groups: int | None = Field(None, ge=1, description="random grouping into k objectives")
+    supervisions: Literal["one", "stacked"] = "one"
+    internal: Literal["none", "with_final", "only"] = "none"
+    intermediate_loss_weight: float = Field(1e-4, ge=0)
+    carry_perturbation_rate: float = Field(0.0, ge=0, description="noise between stacked steps")
+    method: Literal["auto", "scalar", "rows", "autogram"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> ObjectiveSpec:
+        if len(set(self.keep)) != len(self.keep):
+            raise ValueError(f"keep lists an axis twice: {self.keep}")
+        if "cycle" in self.keep and self.internal == "none":
+            raise ValueError("keeping the 'cycle' axis needs internal: with_final or only")
+        if "supervision" in self.keep and self.supervisions != "stacked":
+            raise ValueError("keeping the 'supervision' axis needs supervisions: stacked")
+        if self.internal == "only" and self.halt in ("out", "separate"):
+            raise ValueError("internal: only keeps no final-loss objective for the halting loss")
+        return self
+
+    @property
+    def keep_sorted(self) -> tuple[Axis, ...]:
+        return tuple(a for a in AXES if a in self.keep)
+
+
+# The fork's 16 modes (``+grad_aggregation=<mode>``), as specs.
+MODES: dict[str, dict[str, Any]] = {
+    "sum": {},
+    "lm_loss_vs_q_halt_loss": {"halt": "separate"},
+    "iwrm_with_q_halt_in": {"keep": ["sample"]},
+    "iwrm_with_q_halt_out": {"keep": ["sample"], "halt": "out"},
+    "pixelwise_q_halt_in": {"keep": ["pixel"]},
+    "pixelwise_q_halt_out": {"keep": ["pixel"], "halt": "out"},
+    "iwrm_pixelwise_q_halt_in": {"keep": ["sample", "pixel"]},
+    "iwrm_pixelwise_q_halt_out": {"keep": ["sample", "pixel"], "halt": "out"},
+    "stack_internal_losses": {"keep": ["cycle"], "internal": "with_final"},
+    "stack_internal_losses_only": {"keep": ["cycle"], "internal": "only"},
+    "stack_internal_and_sum": {"internal": "with_final"},
+    "stack_supervisions": {"keep": ["supervision"], "supervisions": "stacked", "halt": "drop"},
+    "stack_supervisions_and_sum": {"supervisions": "stacked", "halt": "drop"},
+    "stack_supervisions_and_iwrm": {
+        "keep": ["supervision", "sample"],
+        "supervisions": "stacked",
+        "halt": "drop",
+    },
+    "stack_supervisions_and_pixelwise": {
+        "keep": ["supervision", "pixel"],
+        "supervisions": "stacked",
+        "halt": "drop",
+    },
+    "stack_supervisions_and_iwrm_pixelwise": {
+        "keep": ["supervision", "sample", "pixel"],
+        "supervisions": "stacked",
+        "halt": "drop",
+    },
+}
+
+
+def mode_fits(name: str, arch_name: str, no_halting: bool) -> bool:
+    """Whether the fork's mode ``name`` applies to an architecture."""
+    spec = MODES[name]
+    if spec.get("internal", "none") != "none" and arch_name != "trmjd":
+        return False
+    return not (spec.get("halt") in ("out", "separate") and no_halting)
+
+
+def mode_spec(name: str, **overrides: Any) -> ObjectiveSpec:
+    """The spec of one of the fork's modes by name."""
+    if name not in MODES:
+        raise ValueError(f"unknown objective mode '{name}'; choose one of: {', '.join(MODES)}")
+    return ObjectiveSpec.model_validate({"name": name, **MODES[name], **overrides})
+
+
+# TorchJD aggregators by our name: (class in torchjd.aggregation, kind). Gramian weightings map
+# G = J Jᵀ to weights; Jacobian aggregators need J itself (objective method "rows").
+AGGREGATOR_CLASSES: dict[str, tuple[str, Literal["gramian", "jacobian"]]] = {
+    "upgrad": ("UPGradWeighting", "gramian"),
+    "mean": ("MeanWeighting", "gramian"),
+    "sum": ("SumWeighting", "gramian"),
+    "mgda": ("MGDAWeighting", "gramian"),
+    "dualproj": ("DualProjWeighting", "gramian"),
+    "pcgrad": ("PCGradWeighting", "gramian"),
+    "imtl_g": ("IMTLGWeighting", "gramian"),
+    "aligned_mtl": ("AlignedMTLWeighting", "gramian"),
+    "cagrad": ("CAGradWeighting", "gramian"),
+    "krum": ("KrumWeighting", "gramian"),
+    "random": ("RandomWeighting", "gramian"),
+    "constant": ("ConstantWeighting", "gramian"),
+    "pcd": ("PCDWeighting", "gramian"),
+    "fairgrad": ("FairGradWeighting", "gramian"),
+    "gradvac": ("GradVacWeighting", "gramian"),
+    "config": ("ConFIG", "jacobian"),
+    "graddrop": ("GradDrop", "jacobian"),
+    "trimmed_mean": ("TrimmedMean", "jacobian"),
+    "nash_mtl": ("NashMTL", "jacobian"),
+}
+_AGGREGATOR_ALIASES = {
+    alias.lower(): name
+    for name, (cls, _) in AGGREGATOR_CLASSES.items()
+    for alias in (cls, cls.removesuffix("Weighting"))
+}
+
+
+class AggregatorConfig(StrictModel):
+    """``aggregator=<name>``: a TorchJD aggregator and its constructor's options."""
+
+    name: str = "upgrad"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _canonical(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"name": data}
+        if isinstance(data, dict) and "name" in data:
+            name = str(data["name"])
+            key = name if name in AGGREGATOR_CLASSES else _AGGREGATOR_ALIASES.get(name.lower())
+            if key is None:
+                raise ValueError(
+                    f"unknown aggregator '{name}'; choose one of: {', '.join(AGGREGATOR_CLASSES)}"
+                )
+            data = {**data, "name": key}
+        return data
+
+    @property
+    def kind(self) -> Literal["gramian", "jacobian"]:
+        return AGGREGATOR_CLASSES[self.name][1]
+
+
+# Command-line knobs of the research fork, folded into ``objective`` by ``fold_fork_knobs``.
+FORK_KNOBS = (
+    "grad_aggregation",
+    "grad_n_groups",
+    "intermediate_loss_weight",
+    "carry_perturbation_rate",
+)
+
+
+def fold_fork_knobs(data: dict[str, Any]) -> dict[str, Any]:
+    """``+grad_aggregation=<mode>`` (and its companions) → the same ``objective`` as
+    ``objective=<mode>`` with the matching fields."""
+    knobs = {k: data.pop(k) for k in FORK_KNOBS if k in data}
+    if not knobs:
+        return data
+    objective = dict(data.get("objective") or {})
+    if "grad_aggregation" in knobs:
+        mode = str(knobs.pop("grad_aggregation"))
+        if mode not in MODES:
+            raise ValueError(
+                f"unknown grad_aggregation '{mode}'; choose one of: {', '.join(MODES)}"
+            )
+        objective = {"name": mode, **MODES[mode]}
+    if "grad_n_groups" in knobs:
+        objective["groups"] = knobs.pop("grad_n_groups")
+    objective.update(knobs)
+    return {**data, "objective": objective}

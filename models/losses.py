@@ -6,6 +6,11 @@ losses, detached metric sums and the all-halted flag. ``LossOutput.total()`` is 
 the gradient-descent objective; other reductions (Jacobian-descent objectives) are registered in
 ``REDUCTIONS`` and take a ``LossOutput``.
 
+``NoACTLossHead`` is the JD fork's head for models without halting (``arch=trmjd``). Both heads
+fill ``LossOutput.internal_token_loss`` when the model outputs per-H-cycle logits, and take the
+fork's ``differential_loss`` flag (the LM loss sees the logits minus the previous supervision
+step's).
+
 Registries: ``LOSS_FUNCTIONS`` (``arch.loss.loss_type``), ``LOSS_HEADS`` (``arch.loss.name``,
 with upstream's ``losses@ACTLossHead`` alias) and ``REDUCTIONS``.
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -133,15 +138,24 @@ class LossOutput:
     * ``q_continue_loss`` [B] or None: BCE-with-logits of ``q_continue_logits`` against the
       model's bootstrapped ``target_q_continue``; None when the model gives no target.
     * ``metrics``: detached scalar sums over halted slots with labels (``count``, ``accuracy``,
-      ``exact_accuracy``, ``q_halt_accuracy``, ``steps``) and the summed losses (``lm_loss``,
-      ``q_halt_loss``, ``q_continue_loss`` when present). Divide by ``count`` (metrics) or by
-      the global batch (losses) after summing over processes.
-    * ``outputs``: detached model outputs named in ``return_keys`` plus ``preds`` [B, S].
+      ``exact_accuracy``, ``q_halt_accuracy`` with halting, ``steps``) and the summed losses
+      (``lm_loss``, ``q_halt_loss``, ``q_continue_loss`` when present, ``cycle{i}_lm_loss`` for
+      each internal loss). Divide by ``count`` (metrics) or by the global batch (losses) after
+      summing over processes.
+    * ``outputs``: detached model outputs named in ``return_keys`` plus ``preds`` [B, S]; a
+      list output (``cycle_logits``) is stacked along dim 1 ([B, H + 1, S, V]).
     * ``row_metrics``: the per-slot values [B] behind ``metrics`` (``has_labels``,
-      ``accuracy``, ``exact_accuracy``, ``q_halt_accuracy``, ``steps``), detached; evaluation
-      uses them to score each slot at the step where it halts.
+      ``accuracy``, ``exact_accuracy``, ``q_halt_accuracy`` with halting, ``steps``),
+      detached; evaluation uses them to score each slot at the step where it halts.
     * ``all_halted``: bool scalar tensor, every slot halted at this step.
     * ``new_carry``: the model's carry after the step.
+    * ``internal_token_loss``: for models with per-H-cycle logits (``cycle_logits``, T + 1
+      entries with entry 0 zeros), T tensors [B, S] with grad, differential across cycles:
+      ``loss_fn(logits_{i+1} − logits_i.detach())``, 0 at ignored tokens, **not** divided by
+      ``loss_divisor`` (the JD fork's scale); entry i reaches only cycle i + 1's computation.
+      Not part of ``total()``. None for other models.
+    * ``has_halting``: False when the halting losses are constant zeros (no Q head to train),
+      so objectives can leave them out.
     """
 
     token_loss: Tensor
@@ -153,6 +167,8 @@ class LossOutput:
     all_halted: Tensor
     new_carry: Any
     row_metrics: dict[str, Tensor] = field(default_factory=dict)
+    internal_token_loss: list[Tensor] | None = None
+    has_halting: bool = True
 
     @property
     def normalized_token_loss(self) -> Tensor:
@@ -176,7 +192,8 @@ class LossOutput:
         """Upstream's scalar: Σ_b lm_loss_per_sample + 0.5 · (Σ_b q_halt + Σ_b q_continue).
 
         Summed over the local batch, not divided by anything: the training loop divides by the
-        global batch size once.
+        global batch size once. ``internal_token_loss`` is not included (the JD fork's ``sum``
+        mode ignores it too); Jacobian-descent objectives use it.
         """
         halt = self.q_halt_loss.sum()
         if self.q_continue_loss is not None:
@@ -209,15 +226,25 @@ LOSS_HEADS: Registry[type[nn.Module]] = Registry("loss head")
 
 
 def sum_row_metrics(row_metrics: dict[str, Tensor], halted: Tensor) -> dict[str, Tensor]:
-    """Upstream's metric sums over slots that halted and have labels (``count`` of them)."""
+    """Upstream's metric sums over slots that halted and have labels (``count`` of them);
+    ``q_halt_accuracy`` only when the rows have it (heads with halting)."""
     valid_B = halted & row_metrics["has_labels"]
-    return {
+    metrics = {
         "count": valid_B.sum(),
         "accuracy": torch.where(valid_B, row_metrics["accuracy"], 0).sum(),
         "exact_accuracy": (valid_B & row_metrics["exact_accuracy"]).sum(),
-        "q_halt_accuracy": (valid_B & row_metrics["q_halt_accuracy"]).sum(),
         "steps": torch.where(valid_B, row_metrics["steps"], 0).sum(),
     }
+    if "q_halt_accuracy" in row_metrics:
+        metrics["q_halt_accuracy"] = (valid_B & row_metrics["q_halt_accuracy"]).sum()
+    return metrics
+
+
+def _detach_output(value: Tensor | list[Tensor]) -> Tensor:
+    """A detached model output; a per-cycle list [H + 1] × [B, ...] becomes [B, H + 1, ...]."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    return torch.stack([v.detach() for v in value], dim=1)
 
 
 @LOSS_HEADS.register("ACTLossHead", aliases=LOSS_HEAD_ALIASES["ACTLossHead"])
@@ -228,17 +255,59 @@ class ACTLossHead(nn.Module):
     as upstream's. ``model(carry, batch)`` must return ``(new_carry, outputs)`` with
     ``outputs["logits"]`` [B, S, V], ``outputs["q_halt_logits"]`` and
     ``outputs["q_continue_logits"]`` [B], and optionally ``outputs["target_q_continue"]`` [B].
+    Models with per-H-cycle logits (``outputs["cycle_logits"]``, ``arch=trmjd``) also get
+    ``internal_token_loss``.
+
+    ``differential_loss`` (the JD fork's flag, off by default): the LM loss is computed on
+    ``logits − outputs["previous_logits"]``, the previous supervision step's detached final
+    logits carried by the model (its init buffer for a slot that just started); predictions
+    and metrics still use the logits themselves. A model without them raises ``ValueError``.
     """
 
-    def __init__(self, model: nn.Module, loss_type: str = "stablemax_cross_entropy") -> None:
+    has_halting: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_type: str = "stablemax_cross_entropy",
+        differential_loss: bool = False,
+    ) -> None:
         super().__init__()
         self.model = model
         self.loss_type = LOSS_FUNCTIONS.canonical(loss_type)
         self.loss_fn = LOSS_FUNCTIONS.get(self.loss_type)
+        self.differential_loss = differential_loss
 
     def initial_carry(self, *args: Any, **kwargs: Any) -> Any:
         """The model's initial carry (every slot halted, so the first step loads the batch)."""
         return self.model.initial_carry(*args, **kwargs)
+
+    def _cycle_logits(self, outputs: dict[str, Any]) -> list[Tensor] | None:
+        return outputs.get("cycle_logits")
+
+    def _previous_logits(self, outputs: dict[str, Any]) -> Tensor:
+        if "previous_logits" not in outputs:
+            raise ValueError(
+                f"differential_loss=True needs a model that carries its previous step's logits "
+                f"(carry['output_logits'], e.g. arch=trmjd); {type(self.model).__name__} does "
+                f"not: set arch.loss.differential_loss=False"
+            )
+        return outputs["previous_logits"]
+
+    def _halting_losses(
+        self, outputs: dict[str, Any], seq_is_correct_B: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """q_halt_loss [B] and q_continue_loss [B] | None (see ``LossOutput``)."""
+        q_halt_B = outputs["q_halt_logits"]
+        q_halt_loss_B = F.binary_cross_entropy_with_logits(
+            q_halt_B, seq_is_correct_B.to(q_halt_B.dtype), reduction="none"
+        )
+        q_continue_loss_B = None
+        if "target_q_continue" in outputs:
+            q_continue_loss_B = F.binary_cross_entropy_with_logits(
+                outputs["q_continue_logits"], outputs["target_q_continue"], reduction="none"
+            )
+        return q_halt_loss_B, q_continue_loss_B
 
     def forward(
         self,
@@ -258,7 +327,7 @@ class ACTLossHead(nn.Module):
         new_carry, outputs = self.model(carry=carry, batch=batch)
         labels_BS = new_carry.current_data["labels"]
         logits_BSV = outputs["logits"]
-        q_halt_B = outputs["q_halt_logits"]
+        cycle_logits = self._cycle_logits(outputs)
 
         with torch.no_grad():
             preds_BS = torch.argmax(logits_BSV, dim=-1)
@@ -272,24 +341,34 @@ class ACTLossHead(nn.Module):
                 "has_labels": counts_B > 0,
                 "accuracy": (is_correct_BS.to(torch.float32) / divisor_B.unsqueeze(-1)).sum(-1),
                 "exact_accuracy": seq_is_correct_B,
-                "q_halt_accuracy": (q_halt_B >= 0) == seq_is_correct_B,
                 "steps": new_carry.steps,
             }
+            if self.has_halting:
+                q_halt_B = outputs["q_halt_logits"]
+                row_metrics["q_halt_accuracy"] = (q_halt_B >= 0) == seq_is_correct_B
             metrics = sum_row_metrics(row_metrics, new_carry.halted)
 
+        lm_input_BSV = logits_BSV
+        if self.differential_loss:
+            lm_input_BSV = logits_BSV - self._previous_logits(outputs)
         token_loss_BS = self.loss_fn(
-            logits_BSV, labels_BS, ignore_index=IGNORE_LABEL_ID, valid_mask=mask_BS
+            lm_input_BSV, labels_BS, ignore_index=IGNORE_LABEL_ID, valid_mask=mask_BS
         )
-        q_halt_loss_B = F.binary_cross_entropy_with_logits(
-            q_halt_B, seq_is_correct_B.to(q_halt_B.dtype), reduction="none"
-        )
-        q_continue_loss_B = None
-        if "target_q_continue" in outputs:
-            q_continue_loss_B = F.binary_cross_entropy_with_logits(
-                outputs["q_continue_logits"], outputs["target_q_continue"], reduction="none"
-            )
+        q_halt_loss_B, q_continue_loss_B = self._halting_losses(outputs, seq_is_correct_B)
+        internal = None
+        if cycle_logits is not None:
+            # Differential across H-cycles: cycle i + 1 is scored on what it adds to cycle i.
+            internal = [
+                self.loss_fn(
+                    cycle_logits[i + 1] - cycle_logits[i].detach(),
+                    labels_BS,
+                    ignore_index=IGNORE_LABEL_ID,
+                    valid_mask=mask_BS,
+                )
+                for i in range(len(cycle_logits) - 1)
+            ]
 
-        detached_outputs = {k: outputs[k].detach() for k in return_keys if k in outputs}
+        detached_outputs = {k: _detach_output(outputs[k]) for k in return_keys if k in outputs}
         detached_outputs["preds"] = preds_BS
         result = LossOutput(
             token_loss=token_loss_BS,
@@ -301,10 +380,40 @@ class ACTLossHead(nn.Module):
             all_halted=new_carry.halted.all(),
             new_carry=new_carry,
             row_metrics=row_metrics,
+            internal_token_loss=internal,
+            has_halting=self.has_halting,
         )
         with torch.no_grad():
             metrics["lm_loss"] = result.normalized_token_loss.sum()
             metrics["q_halt_loss"] = q_halt_loss_B.sum()
             if q_continue_loss_B is not None:
                 metrics["q_continue_loss"] = q_continue_loss_B.sum()
+            for i, loss_BS in enumerate(internal or []):
+                metrics[f"cycle{i}_lm_loss"] = loss_BS.sum()
         return result
+
+
+@LOSS_HEADS.register("NoACTLossHead", aliases=LOSS_HEAD_ALIASES["NoACTLossHead"])
+class NoACTLossHead(ACTLossHead):
+    """The JD fork's head for models without halting (``arch=trmjd`` with ``no_act``).
+
+    As ``ACTLossHead`` (final logits = the last per-cycle logits), except that nothing is
+    learnt about halting: ``q_halt_loss`` is zeros [B] without grad, ``q_continue_loss`` None,
+    no ``q_halt_accuracy`` metric, ``has_halting`` False. The model must output
+    ``cycle_logits`` (``ValueError`` otherwise), so ``internal_token_loss`` is always filled.
+    """
+
+    has_halting: ClassVar[bool] = False
+
+    def _cycle_logits(self, outputs: dict[str, Any]) -> list[Tensor]:
+        if "cycle_logits" not in outputs:
+            raise ValueError(
+                f"NoACTLossHead needs a model with per-H-cycle logits (outputs['cycle_logits'], "
+                f"e.g. arch=trmjd); {type(self.model).__name__} has none: use ACTLossHead"
+            )
+        return outputs["cycle_logits"]
+
+    def _halting_losses(
+        self, outputs: dict[str, Any], seq_is_correct_B: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        return torch.zeros(seq_is_correct_B.shape, device=seq_is_correct_B.device), None

@@ -16,6 +16,7 @@ MODELS: Registry[type[ACTModel]] = Registry(
     "architecture",
     modules=[
         "models.recursive_reasoning.trm",
+        "models.recursive_reasoning.trmjd",
         "models.recursive_reasoning.trm_singlez",
         "models.recursive_reasoning.trm_hier6",
         "models.recursive_reasoning.hrm",
@@ -35,7 +36,11 @@ def build_loss_head(config: ArchConfig, dims: ModelDims) -> nn.Module:
     from models.losses import LOSS_HEADS
 
     model = build_model(config, dims)
-    return LOSS_HEADS.get(config.loss.name)(model, loss_type=config.loss.loss_type)
+    return LOSS_HEADS.get(config.loss.name)(
+        model,
+        loss_type=config.loss.loss_type,
+        differential_loss=config.loss.differential_loss,
+    )
 
 
 def describe_model(module: nn.Module) -> dict[str, int]:

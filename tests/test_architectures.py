@@ -88,6 +88,7 @@ def test_recording_sees_every_latent_update(arch: str) -> None:
         "trm": cfg.H_cycles * (cfg.L_cycles + 1),
         "trm_singlez": cfg.H_cycles * (cfg.L_cycles + 1),
         "trm_hier6": cfg.H_cycles * (cfg.L_cycles + 1),
+        "trmjd": cfg.H_cycles * (cfg.L_cycles + 1),
         "hrm": cfg.H_cycles * (cfg.L_cycles + 1),
         "transformers_baseline": 1,
     }[arch]

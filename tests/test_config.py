@@ -126,7 +126,10 @@ def test_experiment_recipes_match_the_readme() -> None:
             "+global_batchsize=3",
             "global_batchsize: unknown key; allowed keys here: aggregator, arch, beta1",
         ),
-        ("+arch.loss.los_type=x", "arch.loss.los_type: unknown key; allowed keys here: loss_type"),
+        (
+            "+arch.loss.los_type=x",
+            "arch.loss.los_type: unknown key; allowed keys here: differential_loss, loss_type",
+        ),
         ("+evaluators.0.pass_K=[1]", "evaluators.0.pass_K: unknown key; allowed keys here: "),
         ("arch.name=trn", "arch.name: unknown architecture 'trn'; choose one of: hrm"),
         ("evaluators.0.name=ark", "evaluators.0.name: unknown evaluator 'ark'; choose one of: arc"),

@@ -405,9 +405,10 @@ def test_unknown_loss_type_lists_the_choices() -> None:
 
 
 def test_loss_head_names_and_upstream_alias() -> None:
+    assert LOSS_HEADS.names() == sorted(LOSS_HEAD_ALIASES)
     for name, aliases in LOSS_HEAD_ALIASES.items():
         for key in (name, *aliases):
-            assert LOSS_HEADS.get(key) is ACTLossHead
+            assert LOSS_HEADS.get(key) is LOSS_HEADS.get(name)
     assert LOSS_HEADS.get("losses@ACTLossHead") is ACTLossHead
 
 

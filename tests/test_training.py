@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from utils import checkpoint as ckpt
 from utils.config import ARCH_CONFIGS, PretrainConfig, compose, load_pretrain_config
 from utils.distributed import DistInfo
 from utils.logging import build_logger
+from utils.objectives import MODES
 from utils.training import NonFiniteLossError, RunOutcome, run_training
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +94,26 @@ def test_every_architecture_trains_and_evaluates(arch: str, arc_data: Path, tmp_
     assert [m["step"] for m in train_lines] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(m["train/lm_loss"])) for m in train_lines)
     assert (tmp_path / "eval_step_3" / "submission.json").is_file()
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_every_objective_mode_trains(mode: str, arc_data: Path, tmp_path: Path) -> None:
+    extra = ["arch=trmjd"] if MODES[mode].get("internal") else []
+    if "pixel" in MODES[mode].get("keep", []):
+        extra.append("objective.groups=4")  # 900 pixels (× samples) are grouped
+    config = make_config(arc_data, tmp_path, f"objective={mode}", "max_steps=2",
+                         "evaluators=[]", *extra)  # fmt: skip
+    outcome = train(config)
+    assert outcome.steps == 2
+    lines = [m for m in metric_lines(tmp_path) if "train/lm_loss" in m]
+    assert len(lines) == 2 and all(math.isfinite(m["train/lm_loss"]) for m in lines)
+    if mode == "sum":  # gradient descent: upstream's path, no Jacobian descent at all
+        assert not any(k.startswith("jd/") for k in lines[-1])
+        return
+    m = lines[-1]["jd/num_objectives"]
+    assert m >= 1
+    if m > 1:  # UPGrad (the default) never increases an objective to first order
+        assert lines[-1]["jd/update_conflicts"] == 0.0
 
 
 def test_sudoku_without_evaluators(sudoku_data: Path, tmp_path: Path) -> None:

@@ -28,7 +28,10 @@ M = TypeVar("M", bound=BaseModel)
 # ----------------------------------------------------------------------------------------------
 # Architecture and loss
 # ----------------------------------------------------------------------------------------------
-LOSS_HEADS = {"ACTLossHead": ("losses@ACTLossHead",)}
+LOSS_HEADS = {
+    "ACTLossHead": ("losses@ACTLossHead",),
+    "NoACTLossHead": ("losses@NoACTLossHead",),
+}
 LOSS_TYPES = ("stablemax_cross_entropy", "softmax_cross_entropy")
 
 
@@ -38,6 +41,9 @@ class LossConfig(StrictModel):
     name: str = "ACTLossHead"
     loss_type: Literal["stablemax_cross_entropy", "softmax_cross_entropy"] = (
         "stablemax_cross_entropy"
+    )
+    differential_loss: bool = Field(
+        False, description="the LM loss sees logits minus the previous step's (arch=trmjd)"
     )
 
     @model_validator(mode="before")

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from utils.objectives import AGGREGATOR_CLASSES, AXES, AggregatorConfig, Axis, ObjectiveSpec
 
 NORM_EPS = 1e-4  # TorchJD's QuadprogProjector threshold on trace(G)
+MAX_ROWS = 512  # objectives the rows provider differentiates one by one (each ≈ one backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,10 +87,10 @@ class Layout:
         p = torch.arange(Pk, device=device).view(1, 1, Pk)
         return ((s_idx * Ck + c) * Bk + b) * Pk + p
 
-    def halt_targets(self, s: int, device: torch.device) -> Tensor:
+    def halt_targets(self, s: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """[B, m_tokens] weights spreading a sample's halting loss over its token objectives."""
         index = self.token_index(s, device).reshape(self.B, -1)
-        spread = torch.zeros(self.B, self.m_tokens, device=device)
+        spread = torch.zeros(self.B, self.m_tokens, device=device, dtype=dtype)
         spread.scatter_(1, index, 1.0)
         return spread / spread.sum(1, keepdim=True)
 
@@ -126,7 +127,7 @@ def step_contributions(
         return out
     halt = halt_loss_B.to(out.dtype)
     if spec.halt == "in":
-        spread = layout.halt_targets(s, out.device).to(out.dtype)
+        spread = layout.halt_targets(s, out.device, out.dtype)
         return out + torch.nn.functional.pad(halt[:, None] * spread, (0, layout.m_halt))
     extra = torch.zeros_like(out)
     if spec.halt == "separate":
@@ -345,6 +346,12 @@ class JacobianDescent:
         scale = m / global_batch_size  # Mean weighting == gradient descent on the summed loss
         result = JDResult()
         if method == "rows":
+            if m > MAX_ROWS:
+                raise ValueError(
+                    f"objective '{self.spec.name}' has {m} objectives here, too many to "
+                    f"differentiate one by one (at most {MAX_ROWS}); group them with "
+                    "objective.groups=k (the fork's +grad_n_groups=k)"
+                )
             rows = JacobianRows(params, extra_params, m)
             for c in steps:
                 rows.add(grouped(c))

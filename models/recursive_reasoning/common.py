@@ -69,11 +69,12 @@ def prefix_length(puzzle_emb_ndim: int, hidden_size: int, puzzle_emb_len: int) -
 
 
 class ReasoningBlock(nn.Module):
-    """Post-norm block: ``h = rms(h + mix(h)); h = rms(h + SwiGLU(h))``.
+    """Post-norm block: ``h = rms(h + mix(h)); h = dropout(rms(h + SwiGLU(h)))``.
 
     ``mix`` is non-causal self-attention (``self_attn``), or with ``mlp_t`` a SwiGLU over the
     sequence axis (``mlp_t``). In ``mlp_t`` mode the residual and the RMS norm are applied while
     transposed, so the norm runs over the sequence axis — upstream's behaviour, kept on purpose.
+    Dropout (the JD fork's) exists only when ``config.dropout > 0``; upstream has none.
     """
 
     def __init__(self, config: RecursiveArchConfig, total_seq_len: int) -> None:
@@ -91,6 +92,8 @@ class ReasoningBlock(nn.Module):
                 causal=False,
             )
         self.mlp = SwiGLU(hidden_size=config.hidden_size, expansion=config.expansion)
+        p = float(getattr(config, "dropout", 0.0))
+        self.dropout = nn.Dropout(p) if p > 0 else None
 
     def forward(self, cos_sin: CosSin | None, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [B, S, D] → [B, S, D]."""
@@ -100,7 +103,8 @@ class ReasoningBlock(nn.Module):
             h = rms_norm(h_BDS + self.mlp_t(h_BDS), self.norm_eps).transpose(1, 2)
         else:
             h = rms_norm(h + self.self_attn(cos_sin=cos_sin, hidden_states=h), self.norm_eps)
-        return rms_norm(h + self.mlp(h), self.norm_eps)
+        h = rms_norm(h + self.mlp(h), self.norm_eps)
+        return h if self.dropout is None else self.dropout(h)
 
 
 class ReasoningModule(nn.Module):
@@ -201,7 +205,8 @@ class RecursiveInner(nn.Module):
         embed_init_std = 1.0 / self.embed_scale
         self.embed_tokens = CastedEmbedding(dims.vocab_size, D, embed_init_std, self.forward_dtype)
         self.lm_head = CastedLinear(D, dims.vocab_size, bias=False)
-        self.q_head = CastedLinear(D, 2, bias=True)
+        if self.uses_q_head():
+            self.q_head = CastedLinear(D, 2, bias=True)
         if config.puzzle_emb_ndim > 0:
             # Zero-initialised: every puzzle starts from the same (empty) conditioning.
             self.puzzle_emb = CastedSparseEmbedding(
@@ -222,7 +227,13 @@ class RecursiveInner(nn.Module):
                 self.total_seq_len, D, embed_init_std, self.forward_dtype
             )
 
+    def uses_q_head(self) -> bool:
+        """Whether the model has a Q head (``q_head``); called once, from ``__init__``."""
+        return True
+
     def _init_q_head(self) -> None:
+        if not hasattr(self, "q_head"):
+            return
         # q ≈ −5 at start: sigmoid ≈ 0.007, so nothing halts before the head has learnt.
         with torch.no_grad():
             self.q_head.weight.zero_()
@@ -263,14 +274,25 @@ class RecursiveInner(nn.Module):
             x = 0.707106781 * (x + self.embed_pos.embedding_weight.to(self.forward_dtype))
         return self.embed_scale * x
 
-    def heads(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logits [B, S, V] (prefix dropped), q_halt [B] and q_continue [B] (float32).
+    def lm_logits(self, z_H: torch.Tensor) -> torch.Tensor:
+        """z_H [B, P + S, D] → logits [B, S, V] in the forward dtype (prefix dropped)."""
+        return self.lm_head(z_H)[:, self.puzzle_emb_len :]
 
-        The first prefix position acts as a CLS token for the Q head.
+    def q_logits(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_halt [B] and q_continue [B] in float32 from z_H [B, P + S, D].
+
+        The first prefix position acts as a CLS token for the Q head. Without a Q head both
+        are constant zeros (no gradient), so halting code and evaluators still run.
         """
-        logits = self.lm_head(z_H)[:, self.puzzle_emb_len :]
+        if not hasattr(self, "q_head"):
+            zeros = torch.zeros(z_H.shape[0], dtype=torch.float32, device=z_H.device)
+            return zeros, zeros
         q = self.q_head(z_H[:, 0]).to(torch.float32)
-        return logits, q[..., 0], q[..., 1]
+        return q[..., 0], q[..., 1]
+
+    def heads(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits [B, S, V] (prefix dropped), q_halt [B] and q_continue [B] (float32)."""
+        return self.lm_logits(z_H), *self.q_logits(z_H)
 
     def record(self, name: str, h_cycle: int, l_step: int | None, value: torch.Tensor) -> None:
         if self._recorder is not None:
@@ -414,7 +436,7 @@ class ACTModel(nn.Module):
         steps: torch.Tensor,
         inner_carry: InnerCarry,
         current_data: Batch,
-        outputs: dict[str, torch.Tensor],
+        outputs: dict[str, Any],
     ) -> torch.Tensor:
         """The halted flags after a step (under no_grad); may add ``target_q_continue``."""
         q_halt, q_continue = outputs["q_halt_logits"], outputs["q_continue_logits"]
@@ -430,7 +452,18 @@ class ACTModel(nn.Module):
             halted = halted | self._halt_signal(q_halt, q_continue)
         return halted
 
-    def forward(self, carry: ACTCarry, batch: Batch) -> tuple[ACTCarry, dict[str, torch.Tensor]]:
+    def step_outputs(
+        self,
+        inner_carry: InnerCarry,
+        logits: Any,
+        q_halt: torch.Tensor,
+        q_continue: torch.Tensor,
+    ) -> dict[str, Any]:
+        """The outputs of one step from the inner model's results; ``inner_carry`` is the
+        (reset) carry the step started from. Subclasses may add entries."""
+        return {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue}
+
+    def forward(self, carry: ACTCarry, batch: Batch) -> tuple[ACTCarry, dict[str, Any]]:
         halted = carry.halted
         inner_carry = self.inner.reset_carry(halted, carry.inner_carry)
         steps = torch.where(halted, 0, carry.steps)
@@ -440,10 +473,10 @@ class ACTModel(nn.Module):
         }
 
         self.inner.start_record_step()
-        inner_carry, logits, (q_halt, q_continue) = self.inner(inner_carry, current_data)
-        outputs = {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue}
+        new_inner, logits, (q_halt, q_continue) = self.inner(inner_carry, current_data)
+        outputs = self.step_outputs(inner_carry, logits, q_halt, q_continue)
 
         with torch.no_grad():
             steps = steps + 1
-            new_halted = self.update_halting(steps, inner_carry, current_data, outputs)
-        return ACTCarry(inner_carry, steps, new_halted, current_data), outputs
+            new_halted = self.update_halting(steps, new_inner, current_data, outputs)
+        return ACTCarry(new_inner, steps, new_halted, current_data), outputs

@@ -39,6 +39,9 @@ class RecursiveArchConfig(ArchConfig):
     halt_at_eval: bool = Field(
         False, description="new: evaluation stops a sample once its Q head says halt"
     )
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="after each block's final norm (the JD fork's; 0 = upstream)"
+    )
 
     @model_validator(mode="after")
     def _check_heads(self) -> RecursiveArchConfig:
@@ -68,6 +71,18 @@ class TRMConfig(RecursiveArchConfig):
                 f"({self.puzzle_emb_len}) × hidden_size ({self.hidden_size}) prefix positions"
             )
         return self
+
+
+@ARCH_CONFIGS.register(
+    "trmjd", aliases=["recursive_reasoning.trmjd@TinyRecursiveReasoningModelJD_V1"]
+)
+class TRMJDConfig(TRMConfig):
+    """The Jacobian-descent fork's TRM: every H-cycle with gradient (truncated after each),
+    per-cycle logits, the previous step's logits in the carry and, with ``no_act``, exactly
+    ``halt_max_steps`` supervision steps per sample."""
+
+    no_act: bool = Field(True, description="no Q head: every sample runs halt_max_steps steps")
+    dropout: float = Field(0.1, ge=0, lt=1, description="the fork's default")
 
 
 @ARCH_CONFIGS.register(

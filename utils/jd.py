@@ -355,7 +355,9 @@ class JacobianDescent:
             rows = JacobianRows(params, extra_params, m)
             for c in steps:
                 rows.add(grouped(c))
-            J_dense, J_extra = rows.J[:, : rows.n_dense], rows.J[:, rows.n_dense :]
+            # Contiguous copies: collectives need them, and the column blocks are strided views.
+            J_dense = rows.J[:, : rows.n_dense].contiguous()
+            J_extra = rows.J[:, rows.n_dense :].contiguous()
             if "sample" not in self.spec.keep:
                 # Objectives every rank shares: sum their gradients over ranks, so that every
                 # rank aggregates the same global Jacobian and applies the same update.

@@ -445,6 +445,8 @@ def _objective_backward(
     Returns the last supervision step's output, the ``jd/`` metrics and whether ``.grad`` is
     already reduced across ranks. Stacked supervision steps run on the same batch, each
     differentiated (or folded into the Jacobian) before the next, so memory stays that of one.
+    All ``halt_max_steps`` steps always run (the fork stopped once every slot had halted, which
+    for its no-ACT ``trmjd`` is the same), so the objectives do not depend on the world size.
     """
     spec, arch = config.objective, config.arch
     S = arch.halt_max_steps if spec.supervisions == "stacked" else 1
@@ -478,8 +480,6 @@ def _objective_backward(
             if spec.carry_perturbation_rate > 0 and s < S - 1:
                 state.carry = jd.perturb_carry(state.carry, spec.carry_perturbation_rate)
             yield c
-            if bool(out.all_halted) and s < S - 1 and spec.supervisions == "stacked":
-                return  # every slot finished early (ACT): the remaining steps contribute nothing
 
     if layout.m == 1:
         for c in contributions():  # gradient descent over stacked steps: one backward each

@@ -55,12 +55,20 @@ def resolve(ecfg: EvaluateConfig) -> tuple[PretrainConfig, dict[str, torch.Tenso
         saved = path.parent / "all_config.yaml"  # written beside the original checkpoints
         if saved.is_file():
             base = yaml.safe_load(saved.read_text())
+        elif ecfg.arch is None or "name" not in ecfg.arch:
+            raise ConfigError(
+                f"{path}: no all_config.yaml beside it, so give the architecture it was trained "
+                "with: arch=<name> and its options (H_cycles, L_cycles, halt_max_steps, "
+                "pos_encodings, ... do not show in the weights)"
+            )
         else:
             base = OmegaConf.to_container(compose("cfg_pretrain"), resolve=True)  # type: ignore[assignment]
     else:
         raise FileNotFoundError(f"{path}: checkpoint not found (a step_N folder or file)")
     if ecfg.arch is not None:
-        base["arch"] = ecfg.arch
+        # arch=<name> (with its YAML) replaces the architecture; +arch.<key>=... alone adjusts
+        # the checkpoint's own.
+        base["arch"] = ecfg.arch if "name" in ecfg.arch else {**base["arch"], **ecfg.arch}
     if ecfg.data_paths is not None:
         base["data_paths"], base["data_paths_test"] = ecfg.data_paths, []
     if ecfg.global_batch_size is not None:

@@ -237,3 +237,16 @@ def test_puzzle_embedding_resizes_to_the_mean_and_other_mismatches_fail(tmp_path
         read_state_dict(tmp_path / "junk")
     with pytest.raises(FileNotFoundError, match="missing: checkpoint file not found"):
         read_state_dict(tmp_path / "missing")
+
+
+def test_a_trm_checkpoint_loads_into_trmjd_for_fine_tuning() -> None:
+    """The fork fine-tunes TRM checkpoints with arch=trmjd: its Q head is dropped and the
+    no-ACT model keeps its own output_logits_init."""
+    src = tiny_head("trm")
+    dst = tiny_head("trmjd")
+    before = dst.model.inner.output_logits_init.clone()
+    load_model_weights(dst, src.state_dict())
+    assert torch.equal(dst.model.inner.output_logits_init, before)
+    for key, value in src.state_dict().items():
+        if ".q_head." not in key:
+            assert torch.equal(dst.state_dict()[key], value), key

@@ -20,7 +20,13 @@ from evaluate import run as run_evaluate
 from evaluators.base import build_evaluators
 from models import losses
 from utils import checkpoint as ckpt
-from utils.config import ARCH_CONFIGS, PretrainConfig, compose, load_pretrain_config
+from utils.config import (
+    ARCH_CONFIGS,
+    ConfigError,
+    PretrainConfig,
+    compose,
+    load_pretrain_config,
+)
 from utils.distributed import DistInfo
 from utils.logging import build_logger
 from utils.objectives import MODES
@@ -233,6 +239,16 @@ def test_evaluate_an_upstream_state_dict(arc_data: Path, tmp_path: Path) -> None
     inputs = np.load(arc_data / "test/all__inputs.npy")
     assert torch.equal(saved["inputs"], torch.from_numpy(inputs.astype("int32")))
     assert (tmp_path / "upstream/step_2_eval/submission.json").is_file()
+
+
+def test_evaluate_needs_the_architecture_of_a_bare_upstream_file(
+    arc_data: Path, tmp_path: Path
+) -> None:
+    train(make_config(arc_data, tmp_path / "run", "max_steps=1"))
+    state = torch.load(tmp_path / "run/step_1/model.pt", weights_only=True)
+    torch.save(state, tmp_path / "step_1")
+    with pytest.raises(ConfigError, match=r"no all_config\.yaml beside it, so give the arch"):
+        run_evaluate(EvaluateConfig(checkpoint=str(tmp_path / "step_1")), DistInfo())
 
 
 def test_evaluate_rejects_a_mismatched_checkpoint(arc_data: Path, tmp_path: Path) -> None:

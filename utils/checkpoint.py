@@ -53,6 +53,25 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return strip_prefixes(state)
 
 
+def _adapt_to_model(
+    state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """A TRM checkpoint into ``arch=trmjd`` (the fork's fine-tuning): drop the Q head the no-ACT
+    model lacks, keep the model's own ``output_logits_init``."""
+    adapted = dict(state)
+    dropped = [k for k in state if ".q_head." in k and k not in expected]
+    if dropped and not any(".q_head." in k for k in expected):
+        for k in dropped:
+            del adapted[k]
+    for key, value in expected.items():
+        if key.endswith("output_logits_init") and key not in adapted:
+            adapted[key] = value
+    if adapted.keys() != state.keys():
+        print(f"{source}: adapted to the model (dropped {len(dropped)} Q-head keys, kept the "
+              "model's output_logits_init)")  # fmt: skip
+    return adapted
+
+
 def load_model_weights(
     module: nn.Module,
     state_dict: Mapping[str, torch.Tensor],
@@ -68,6 +87,7 @@ def load_model_weights(
     """
     state = strip_prefixes(state_dict)
     expected = module.state_dict()
+    state = _adapt_to_model(state, expected, source)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -84,9 +104,14 @@ def load_model_weights(
         if key == PUZZLE_EMB_KEY and resize_puzzle_emb and value.shape[1:] == target.shape[1:]:
             state[key] = value.mean(dim=0, keepdim=True).expand_as(target).contiguous()
             continue
+        hint = (
+            "the vocabulary comes from data_paths: use the dataset the checkpoint was trained on"
+            if "embed_tokens" in key or "lm_head" in key
+            else "check the architecture options (hidden_size, num_heads, ...)"
+        )
         raise CheckpointMismatchError(
             f"{source}: {key} has shape {tuple(value.shape)}, the model expects "
-            f"{tuple(target.shape)}; check the architecture options (hidden_size, vocab, ...)"
+            f"{tuple(target.shape)}; {hint}"
         )
     module.load_state_dict(state, strict=True)
 

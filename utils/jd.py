@@ -9,8 +9,8 @@ Three independent pieces (``../shared/spec/jd-reference.md`` §6):
   and an optional random grouping into k objectives (the same partition on every rank). Every
   objective is a sum over samples, so objectives are held as per-sample contributions
   ``[B, m]``; their column sums are the objectives and their total is the gradient-descent loss.
-* **Gramian providers.** ``scalar`` (m = 1: a plain backward, the gradient-descent baseline),
-  ``rows`` (one ``autograd.grad`` per objective: exact for any spec and cheap when objectives live
+* **Gramian providers.** With one objective there is no Gramian: a plain backward (the
+  gradient-descent baseline, also over stacked steps). Otherwise ``rows`` (one ``autograd.grad`` per objective: exact for any spec and cheap when objectives live
   in separate graphs, e.g. stacked supervision steps, each differentiated as soon as its forward
   is done), ``autogram`` (TorchJD's ``Engine`` for per-sample objectives: one instrumented backward
   plus one weighted backward, no Jacobian in memory).

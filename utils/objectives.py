@@ -34,7 +34,7 @@ class ObjectiveSpec(StrictModel):
     internal: Literal["none", "with_final", "only"] = "none"
     intermediate_loss_weight: float = Field(1e-4, ge=0)
     carry_perturbation_rate: float = Field(0.0, ge=0, description="noise between stacked steps")
-    method: Literal["auto", "scalar", "rows", "autogram"] = "auto"
+    method: Literal["auto", "rows", "autogram"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> ObjectiveSpec:

@@ -10,8 +10,9 @@ Three independent pieces (``../shared/spec/jd-reference.md`` §6):
   objective is a sum over samples, so objectives are held as per-sample contributions
   ``[B, m]``; their column sums are the objectives and their total is the gradient-descent loss.
 * **Gramian providers.** With one objective there is no Gramian: a plain backward (the
-  gradient-descent baseline, also over stacked steps). Otherwise ``rows`` (one ``autograd.grad`` per objective: exact for any spec and cheap when objectives live
-  in separate graphs, e.g. stacked supervision steps, each differentiated as soon as its forward
+  gradient-descent baseline, also over stacked steps). Otherwise ``rows`` (one
+  ``autograd.grad`` per objective: exact for any spec and cheap when objectives live in
+  separate graphs, e.g. stacked supervision steps, each differentiated as soon as its forward
   is done), ``autogram`` (TorchJD's ``Engine`` for per-sample objectives: one instrumented backward
   plus one weighted backward, no Jacobian in memory).
 * **Weightings.** Every TorchJD weighting maps the Gramian G = J Jᵀ to weights w; aggregators that

@@ -58,6 +58,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from utils.distributed import select_device
+
 PRESETS = {"tiny": ["+experiment=tiny_cpu"], "arc": ["+experiment=arc1"]}
 SEQ_LEN, VOCAB, PUZZLES = 900, 12, 16
 GOALS = {  # the project's targets: (ratio key, at most)
@@ -83,13 +85,6 @@ def config_names(stack: int, groups: int) -> dict[str, str]:
 
 
 DEFAULT_EXCLUDED = ("iwrm_rows",)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA if present, else CPU."""
-    if name != "auto":
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sync(device: torch.device) -> None:
@@ -150,15 +145,12 @@ class Bench:
         """Per-step contributions [B, m], exactly as ``_objective_backward`` yields them."""
         from utils import jd
 
-        stacked = layout.spec.supervisions == "stacked"
         for s in range(layout.S):
             out = self.forward()
             halt = out.halt_loss_per_sample if getattr(out, "has_halting", True) else None
             yield jd.step_contributions(
                 layout, s, out.normalized_token_loss, halt, out.internal_token_loss
             )
-            if stacked and s < layout.S - 1 and bool(out.all_halted):
-                return
 
 
 def build_bench(args: argparse.Namespace) -> tuple[Bench, Any]:
@@ -176,7 +168,7 @@ def build_bench(args: argparse.Namespace) -> tuple[Bench, Any]:
     if args.preset == "tiny":
         overrides.append("arch.forward_dtype=float32")
     arch = load_pretrain_config(compose(overrides=overrides)).arch
-    device = pick_device(args.device)
+    device = select_device(args.device)
     dims = ModelDims(args.batch_size, SEQ_LEN, VOCAB, num_puzzle_identifiers=PUZZLES)
     torch.manual_seed(0)
     with torch.device(device):
@@ -532,7 +524,7 @@ def main() -> None:
         chosen = [n for n in names if n not in DEFAULT_EXCLUDED]
     if args.skip_fork:
         chosen = [n for n in chosen if names[n] != "fork"]
-    device = str(pick_device(args.device))
+    device = str(select_device(args.device))
     measured = {n: Measured() for n in chosen}
     warnings: set[str] = set()
     failed: dict[str, str] = {}

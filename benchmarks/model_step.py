@@ -20,21 +20,12 @@ import torch
 from models.recursive_reasoning.common import ModelDims
 from models.registry import build_loss_head, describe_model
 from utils.config import compose, load_pretrain_config
+from utils.distributed import select_device
 
 PRESETS = {
     "tiny": ["+experiment=tiny_cpu"],
     "arc": ["+experiment=arc1"],
 }
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def sync(device: torch.device) -> None:
@@ -77,7 +68,7 @@ def main() -> None:
     if args.dtype:
         overrides.append(f"arch.forward_dtype={args.dtype}")
     config = load_pretrain_config(compose(overrides=overrides)).arch
-    device = pick_device(args.device)
+    device = select_device(args.device)
     seq_len, vocab = 900, 12
     dims = ModelDims(args.batch_size, seq_len, vocab, num_puzzle_identifiers=16)
     torch.manual_seed(0)

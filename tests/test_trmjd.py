@@ -7,7 +7,6 @@ depend on the YAML loss section.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from models.recursive_reasoning.configs import TRMConfig, TRMJDConfig
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
 from models.recursive_reasoning.trmjd import TinyRecursiveReasoningModelJD_V1, perturb_carry
 from models.registry import MODELS
+from tests.test_losses import FakeCarry, FakeModel
 from utils.config import ARCH_CONFIGS, CONFIG_DIR
 
 DIMS = ModelDims(batch_size=4, seq_len=12, vocab_size=7, num_puzzle_identifiers=9)
@@ -256,28 +256,6 @@ def test_bfloat16_forward() -> None:
 # ----------------------------------------------------------------------------------------------
 # Loss heads against a fake model
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class FakeCarry:
-    halted: Tensor
-    steps: Tensor
-    current_data: dict[str, Tensor]
-
-
-class FakeModel(nn.Module):
-    """Returns a preset carry and outputs."""
-
-    def __init__(self, new_carry: FakeCarry, outputs: dict[str, object]) -> None:
-        super().__init__()
-        self.new_carry = new_carry
-        self.outputs = outputs
-
-    def initial_carry(self, batch: dict[str, Tensor]) -> FakeCarry:
-        return self.new_carry
-
-    def forward(self, carry: FakeCarry, batch: dict[str, Tensor]) -> tuple[FakeCarry, dict]:
-        return self.new_carry, dict(self.outputs)
-
-
 def slow_stablemax_ce(row: list[float], label: int) -> float:
     """−log s(x)[label]/Σ s(x) with s(x) = x + 1 (x ≥ 0), 1/(1 − x) (x < 0), Python floats."""
     s = [x + 1 if x >= 0 else 1 / (1 - x) for x in row]

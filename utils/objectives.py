@@ -48,10 +48,6 @@ class ObjectiveSpec(StrictModel):
             raise ValueError("internal: only keeps no final-loss objective for the halting loss")
         return self
 
-    @property
-    def keep_sorted(self) -> tuple[Axis, ...]:
-        return tuple(a for a in AXES if a in self.keep)
-
 
 # The fork's 16 modes (``+grad_aggregation=<mode>``), as specs.
 MODES: dict[str, dict[str, Any]] = {

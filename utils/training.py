@@ -396,14 +396,19 @@ def _reduce_gradients(params: list[nn.Parameter]) -> None:
         offset += g.numel()
 
 
+def sum_over_ranks(metrics: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, float]:
+    """Scalar metrics summed over ranks, in sorted key order (the same on every rank)."""
+    keys = sorted(metrics)
+    values = torch.stack([metrics[k].to(dtype) for k in keys])
+    all_reduce_sum_(values)
+    return dict(zip(keys, values.cpu().tolist(), strict=True))
+
+
 def reduce_metrics(
     metrics: dict[str, torch.Tensor], global_batch_size: int, prefix: str
 ) -> dict[str, float]:
-    """Sum over ranks in sorted key order; losses / global batch, the rest / count (upstream)."""
-    keys = sorted(metrics)
-    values = torch.stack([metrics[k].to(torch.float32) for k in keys])
-    all_reduce_sum_(values)
-    reduced = dict(zip(keys, values.cpu().tolist(), strict=True))
+    """Sum over ranks; losses / global batch, the rest / count (upstream)."""
+    reduced = sum_over_ranks(metrics, torch.float32)
     count = max(reduced["count"], 1.0)
     return {
         f"{prefix}/{k}": v / (global_batch_size if k.endswith("loss") else count)
@@ -642,10 +647,7 @@ def evaluate(
 
     result: dict[str, float] = {}
     for set_name in sorted(sums):
-        keys = sorted(sums[set_name])
-        values = torch.stack([sums[set_name][k] for k in keys])
-        all_reduce_sum_(values)
-        reduced = dict(zip(keys, values.cpu().tolist(), strict=True))
+        reduced = sum_over_ranks(sums[set_name], torch.float64)
         count = max(reduced.pop("count"), 1.0)
         result.update({f"{set_name}/{k}": v / count for k, v in reduced.items()})
     for ev in evaluators:

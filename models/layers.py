@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import per_sample
 from models.common import trunc_normal_init_
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
@@ -34,6 +35,9 @@ class CastedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sink = per_sample.active(self.weight, self.bias)
+        if sink is not None:
+            return per_sample.linear(x, self.weight, self.bias, sink)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.weight.to(x.dtype), bias)
 
@@ -53,7 +57,18 @@ class CastedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] int → [..., D] in ``cast_to``."""
+        sink = per_sample.active(self.embedding_weight)
+        if sink is not None:
+            return per_sample.embedding(ids, self.embedding_weight, self.cast_to, sink)
         return F.embedding(ids, self.embedding_weight.to(self.cast_to))
+
+    def add_table(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + table`` for x [B, num, D] in ``cast_to``: the whole table added to every
+        sample (learned positions)."""
+        sink = per_sample.active(self.embedding_weight)
+        if sink is not None:
+            return per_sample.add_broadcast(x, self.embedding_weight, sink)
+        return x + self.embedding_weight.to(self.cast_to)
 
 
 class RotaryEmbedding(nn.Module):

@@ -271,7 +271,7 @@ class RecursiveInner(nn.Module):
             x = torch.cat((prefix.to(x.dtype), x), dim=-2)
         if self.config.pos_encodings == "learned":
             # 1/√2 keeps the variance of the sum of two unit-variance terms at 1.
-            x = 0.707106781 * (x + self.embed_pos.embedding_weight.to(self.forward_dtype))
+            x = 0.707106781 * self.embed_pos.add_table(x)
         return self.embed_scale * x
 
     def lm_logits(self, z_H: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
+from models.layers import CastedLinear
 from models.recursive_reasoning.common import ModelDims
 from models.registry import build_loss_head
 from utils import jd
@@ -210,8 +212,7 @@ def run_objective(
         for c in contributions():
             (c.sum() / DIMS.batch_size).backward()
     else:
-        modules = [m for m in head.modules() if any(True for _ in m.parameters(recurse=False))]
-        descent = jd.JacobianDescent(spec, AggregatorConfig(name=aggregator), modules, seed=0)
+        descent = jd.JacobianDescent(spec, AggregatorConfig(name=aggregator), head, seed=0)
         result = descent.step(steps=contributions(), layout=layout, params=params,
                               extra_params=[head.model.inner.puzzle_emb.local_weights],
                               global_batch_size=DIMS.batch_size, step_index=1,
@@ -230,19 +231,24 @@ def assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 
 
 @pytest.mark.parametrize(
-    ("mode", "method"),
+    ("mode", "method", "options"),
     [
-        ("iwrm_with_q_halt_in", "autogram"),
-        ("iwrm_with_q_halt_in", "rows"),
-        ("iwrm_with_q_halt_out", "rows"),
-        ("lm_loss_vs_q_halt_loss", "rows"),
-        ("pixelwise_q_halt_in", "rows"),
+        ("iwrm_with_q_halt_in", "autogram", {}),
+        ("iwrm_with_q_halt_in", "rows", {}),
+        ("iwrm_with_q_halt_in", "per_sample", {}),
+        ("iwrm_with_q_halt_in", "per_sample", {"groups": 3}),
+        ("iwrm_with_q_halt_out", "rows", {}),
+        ("iwrm_with_q_halt_out", "per_sample", {}),
+        ("lm_loss_vs_q_halt_loss", "rows", {}),
+        ("pixelwise_q_halt_in", "rows", {"groups": 4}),
+        ("pixelwise_q_halt_in", "auto", {"groups": 4, "gramian": "heads"}),
+        ("iwrm_with_q_halt_out", "auto", {"gramian": "heads"}),
+        ("lm_loss_vs_q_halt_loss", "auto", {"gramian": "heads"}),
     ],
 )
-def test_mean_weighting_reproduces_gradient_descent(mode: str, method: str) -> None:
+def test_mean_weighting_reproduces_gradient_descent(mode: str, method: str, options: dict) -> None:
     gd, _ = run_objective(mode_spec("sum"), "mean")
-    spec = mode_spec(mode, groups=4) if mode.startswith("pixelwise") else mode_spec(mode)
-    mean, result = run_objective(spec, "mean", method)
+    mean, result = run_objective(mode_spec(mode, **options), "mean", method)
     assert_same_grads(gd, mean)
     assert result is not None and result.metrics["jd/cos_to_mean"] == pytest.approx(1.0)
 
@@ -256,19 +262,130 @@ def test_stacked_supervisions_one_step_at_a_time_equal_gradient_descent_over_the
     assert result is not None and result.metrics["jd/num_objectives"] == 3.0
 
 
-def test_gramian_providers_agree() -> None:
+@pytest.mark.parametrize(
+    ("mode", "options", "methods"),
+    [
+        ("iwrm_with_q_halt_in", {}, ("rows", "per_sample", "autogram")),
+        ("iwrm_with_q_halt_out", {"groups": 5}, ("rows", "per_sample", "autogram")),
+        ("stack_supervisions_and_iwrm", {}, ("rows", "per_sample")),
+    ],
+)
+def test_gramian_providers_agree(mode: str, options: dict, methods: tuple[str, ...]) -> None:
+    """UPGrad (conflicting objectives, so not the mean) gives the same Gramian and update
+    whichever way the Gramian is computed."""
+    spec = mode_spec(mode, **options)
+    (ref, r_ref), *others = [run_objective(spec, "upgrad", method) for method in methods]
+    assert r_ref is not None and r_ref.metrics["jd/cos_to_mean"] < 0.9999
+    for (grads, result), method in zip(others, methods[1:], strict=True):
+        assert result is not None
+        for key in ("jd/gramian_trace", "jd/cos_to_mean", "jd/weight_min", "jd/weight_max"):
+            assert result.metrics[key] == pytest.approx(r_ref.metrics[key], rel=1e-4), (method, key)
+        assert_same_grads(ref, grads)
+
+
+def test_auto_picks_the_cheapest_exact_provider() -> None:
+    head = tiny_head()
+    lay = functools.partial(layout_for, b=DIMS.batch_size, p=DIMS.seq_len)
+
+    def method(mode: str, aggregator: str = "upgrad", model: torch.nn.Module = head, **kw) -> str:
+        spec = mode_spec(mode, **kw)
+        return jd.JacobianDescent(spec, AggregatorConfig(name=aggregator), model, 0).method(
+            lay(spec)
+        )
+
+    assert method("iwrm_with_q_halt_in") == "per_sample"
+    assert method("iwrm_with_q_halt_out", groups=3) == "per_sample"
+    assert method("stack_supervisions_and_iwrm") == "per_sample"
+    assert method("iwrm_with_q_halt_in", "config") == "per_sample"  # J is materialised
+    assert method("lm_loss_vs_q_halt_loss") == "rows"
+    assert method("stack_supervisions") == "rows"
+    assert method("pixelwise_q_halt_in", groups=10) == "rows"
+    assert method("pixelwise_q_halt_in", groups=10, gramian="heads") == "heads"
+
+    head.register_parameter("stray", torch.nn.Parameter(torch.zeros(2)))  # no per-sample layer
+    assert method("iwrm_with_q_halt_in", model=head) == "autogram"
+    assert method("iwrm_with_q_halt_out", model=head) == "rows"
+    with pytest.raises(ValueError, match=r"per_sample: parameters \['stray'\] are not owned"):
+        method("iwrm_with_q_halt_in", model=head, method="per_sample")
+
+
+def test_per_sample_refuses_a_weight_used_outside_its_layer() -> None:
+    """A collected layer's weight also read directly would get a summed gradient: the
+    per-sample rows would miss it, so the provider stops."""
+    lin = CastedLinear(3, 2, bias=False)
+    x = torch.randn(4, 5, 3)
     spec = mode_spec("iwrm_with_q_halt_in")
-    a, ra = run_objective(spec, "upgrad", "autogram")
-    b, rb = run_objective(spec, "upgrad", "rows")
-    assert ra is not None and rb is not None
-    assert ra.metrics["jd/gramian_trace"] == pytest.approx(rb.metrics["jd/gramian_trace"], rel=1e-4)
-    dense = {k: v for k, v in a.items() if k != "local_weights"}
-    assert_same_grads(dense, {k: v for k, v in b.items() if k != "local_weights"})
+    layout = jd.Layout(spec=spec, S=1, C=1, B=4, P=1, has_halt=False)
+
+    def steps():
+        loss_B = lin(x).square().sum((1, 2)) + lin.weight.sum()  # the direct read
+        yield jd.step_contributions(layout, 0, loss_B[:, None], None, None)
+
+    descent = jd.JacobianDescent(spec, AggregatorConfig(name="upgrad"), lin, 0)
+    with pytest.raises(ValueError, match=r"shapes \[\(2, 3\)\] got a summed gradient"):
+        descent.step(steps=steps(), layout=layout, params=[lin.weight], extra_params=[],
+                     global_batch_size=4, step_index=0, all_reduce=lambda t: t)  # fmt: skip
+    assert lin.weight.grad is None  # nothing half-written
 
 
-@pytest.mark.parametrize("mode", ["iwrm_with_q_halt_in", "stack_supervisions_and_iwrm"])
-def test_upgrad_update_conflicts_with_no_objective(mode: str) -> None:
-    _, result = run_objective(mode_spec(mode), "upgrad")
+def test_partial_gramian_is_the_heads_block_of_the_full_one() -> None:
+    """gramian: heads uses the rows of lm_head and q_head only: the same numbers as the full
+    Jacobian's head columns."""
+    head = tiny_head(halt_exploration_prob="0")
+    batch = tiny_batch()
+    spec = mode_spec("pixelwise_q_halt_in", groups=4)
+    layout = jd.Layout(spec=spec, S=1, C=1, B=DIMS.batch_size, P=DIMS.seq_len, has_halt=True)
+    grouping = jd.grouping_matrix(layout.m, 4, seed=0, step=1, device=None)
+    carry = head.initial_carry(batch)
+
+    def steps():
+        out = head(carry=carry, batch=batch)
+        yield jd.step_contributions(layout, 0, out.normalized_token_loss,
+                                    out.halt_loss_per_sample, None)  # fmt: skip
+
+    params = [p for p in head.parameters() if p.requires_grad]
+    full = jd._rows(steps(), layout, params, [], grouping, True, lambda t: t)
+    heads = jd.head_parameters(head)
+    assert {id(p) for p in heads} == {
+        id(p) for n, p in head.named_parameters() if ".lm_head." in n or ".q_head." in n
+    }
+    offsets = torch.tensor([0, *[p.numel() for p in params]]).cumsum(0).tolist()
+    columns = torch.cat(
+        [
+            torch.arange(offsets[i], offsets[i + 1])
+            for i, p in enumerate(params)
+            if any(p is h for h in heads)
+        ]
+    )
+    assert full.J is not None
+    J_heads = full.J[:, columns]
+    partial = jd._heads(steps(), layout, heads, grouping, True, lambda t: t)
+    torch.testing.assert_close(partial.G, J_heads @ J_heads.T, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(partial.G, full.G)  # the trunk's gradients are left out
+
+
+def test_partial_jacobian_descent_needs_one_step_and_a_gramian_weighting() -> None:
+    from utils.config import ConfigError
+
+    with pytest.raises(ValueError, match="gramian: heads needs supervisions: one"):
+        mode_spec("stack_supervisions", gramian="heads")
+    with pytest.raises(ValueError, match="set method: auto"):
+        mode_spec("pixelwise_q_halt_in", gramian="heads", method="per_sample")
+    overrides = ["objective=pixelwise_q_halt_in", "objective.gramian=heads", "aggregator=config"]
+    with pytest.raises(ConfigError, match="aggregator 'config' needs the full Jacobian"):
+        load_pretrain_config(compose(overrides=overrides))
+
+
+@pytest.mark.parametrize(
+    ("mode", "options"),
+    [
+        ("iwrm_with_q_halt_in", {}),
+        ("stack_supervisions_and_iwrm", {}),
+        ("pixelwise_q_halt_in", {"groups": 6, "gramian": "heads"}),  # in the heads' Gramian
+    ],
+)
+def test_upgrad_update_conflicts_with_no_objective(mode: str, options: dict) -> None:
+    _, result = run_objective(mode_spec(mode, **options), "upgrad")
     assert result is not None
     assert result.metrics["jd/update_conflicts"] == 0.0
     assert result.metrics["jd/degenerate"] == 0.0  # unscaled objectives keep trace(G) large

@@ -122,6 +122,15 @@ def test_every_objective_mode_trains(mode: str, arc_data: Path, tmp_path: Path) 
         assert lines[-1]["jd/update_conflicts"] == 0.0
 
 
+def test_partial_jacobian_descent_trains(arc_data: Path, tmp_path: Path) -> None:
+    config = make_config(arc_data, tmp_path, "objective=pixelwise_q_halt_in", "objective.groups=4",
+                         "objective.gramian=heads", "max_steps=2", "evaluators=[]")  # fmt: skip
+    assert train(config).steps == 2
+    last = [m for m in metric_lines(tmp_path) if "train/lm_loss" in m][-1]
+    assert math.isfinite(last["train/lm_loss"]) and last["jd/num_objectives"] == 4.0
+    assert last["jd/update_conflicts"] == 0.0  # UPGrad on the heads' Gramian
+
+
 def test_sudoku_without_evaluators(sudoku_data: Path, tmp_path: Path) -> None:
     config = make_config(sudoku_data, tmp_path, "evaluators=[]", "max_steps=2", "arch.mlp_t=True",
                          "arch.pos_encodings=none")  # fmt: skip
@@ -320,15 +329,23 @@ def test_two_gloo_processes_equal_one(arc_data: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["lm_loss_vs_q_halt_loss", "stack_supervisions"])
+@pytest.mark.parametrize(
+    "objective",
+    [
+        ["objective=lm_loss_vs_q_halt_loss"],
+        ["objective=stack_supervisions"],
+        ["objective=pixelwise_q_halt_in", "objective.groups=4", "objective.gramian=heads"],
+    ],
+    ids=["lm_vs_halt", "stack_supervisions", "pixel_groups_heads"],
+)
 def test_shared_objectives_aggregate_globally_across_ranks(
-    mode: str, arc_data: Path, tmp_path: Path
+    objective: list[str], arc_data: Path, tmp_path: Path
 ) -> None:
     """Objectives every rank shares are aggregated on the global Jacobian (per-objective
-    gradients summed over ranks first), so 2 processes equal 1 with the same global batch,
-    UPGrad weights and jd/ metrics included."""
+    gradients summed over ranks first; for gramian=heads the heads' rows), so 2 processes equal
+    1 with the same global batch, UPGrad weights and jd/ metrics included."""
     common = [*FAST, f"data_paths=[{arc_data}]", "max_steps=2", "evaluators=[]",
-              "arch.halt_exploration_prob=0", f"objective={mode}"]  # fmt: skip
+              "arch.halt_exploration_prob=0", *objective]  # fmt: skip
     one, two = _run_one_and_two(tmp_path, common)
     _assert_same_training(one, two, 2)
     a = [m for m in metric_lines(one) if "jd/cos_to_mean" in m]

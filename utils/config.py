@@ -299,8 +299,15 @@ def validate_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
 
 
 def _check_objective_fits_arch(config: PretrainConfig) -> None:
-    """Objectives that need per-cycle losses or a halting head fail early on other models."""
+    """Objectives that need per-cycle losses or a halting head fail early on other models;
+    partial Jacobian descent needs a Gramian weighting."""
     spec, arch = config.objective, config.arch
+    if spec.gramian == "heads" and config.aggregator.kind != "gramian":
+        raise ConfigError(
+            f"objective.gramian: heads forms the weights from the heads' Gramian, but "
+            f"aggregator '{config.aggregator.name}' needs the full Jacobian; use "
+            "objective.gramian=full or a Gramian aggregator (upgrad, mean, mgda, dualproj, ...)"
+        )
     no_halting = bool(getattr(arch, "no_act", False))
     problem = None
     if spec.internal != "none" and arch.name != "trmjd":

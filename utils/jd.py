@@ -10,15 +10,21 @@ Three independent pieces (``../shared/spec/jd-reference.md`` §6):
   objective is a sum over samples, so objectives are held as per-sample contributions
   ``[B, m]``; their column sums are the objectives and their total is the gradient-descent loss.
 * **Gramian providers.** With one objective there is no Gramian: a plain backward (the
-  gradient-descent baseline, also over stacked steps). Otherwise ``rows`` (one
-  ``autograd.grad`` per objective: exact for any spec and cheap when objectives live in
-  separate graphs, e.g. stacked supervision steps, each differentiated as soon as its forward
-  is done), ``autogram`` (TorchJD's ``Engine`` for per-sample objectives: one instrumented backward
-  plus one weighted backward, no Jacobian in memory).
+  gradient-descent baseline, also over stacked steps). Otherwise, chosen by ``method``:
+  ``per_sample`` when every objective belongs to one sample (IWRM, also stacked or grouped):
+  one ordinary backward per objective *of a sample* yields B rows at once, because the layers
+  keep per-sample weight gradients apart (``models.per_sample``), so IWRM costs what gradient
+  descent costs; ``rows`` (one ``autograd.grad`` per objective: exact for any spec and cheap
+  when objectives live in separate graphs, e.g. stacked supervision steps, each differentiated
+  as soon as its forward is done); ``autogram`` (TorchJD's ``Engine``: one instrumented
+  backward plus one weighted backward, for models whose parameters the per-sample layers do not
+  own). ``gramian: heads`` is partial Jacobian descent: the rows of the output heads' parameters
+  only (a backward that stops at the heads), then one weighted backward through the model.
 * **Weightings.** Every TorchJD weighting maps the Gramian G = J Jᵀ to weights w; aggregators that
-  need the Jacobian itself (ConFIG, GradDrop, TrimmedMean, NashMTL) use the ``rows`` provider,
-  which materialises J. The update is ``m · Jᵀ w / global_batch`` so that Mean weighting gives
-  exactly the gradient-descent gradient (UPGrad without conflicts then equals it too).
+  need the Jacobian itself (ConFIG, GradDrop, TrimmedMean, NashMTL) use a provider that
+  materialises J (``rows``, ``per_sample``). The update is ``m · Jᵀ w / global_batch`` so that
+  Mean weighting gives exactly the gradient-descent gradient (UPGrad without conflicts then
+  equals it too).
 
 The objectives are never pre-scaled by 1/batch before the Gramian (the fork did, which pushed
 trace(G) under TorchJD's normalisation threshold, silently turning UPGrad into the mean); the
@@ -36,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models import per_sample
 from utils.objectives import AGGREGATOR_CLASSES, AXES, AggregatorConfig, Axis, ObjectiveSpec
 
 NORM_EPS = 1e-4  # TorchJD's QuadprogProjector threshold on trace(G)
@@ -75,7 +82,7 @@ class Layout:
     def m(self) -> int:
         return self.m_tokens + self.m_halt
 
-    def token_index(self, s: int, device: torch.device) -> Tensor:
+    def token_index(self, s: int, device: torch.device | None) -> Tensor:
         """[B, C', P'] objective index of each (sample, family, pixel) atom of step ``s``."""
         _, Ck, Bk, Pk = (self.kept(a) for a in AXES)
         s_idx = s if "supervision" in self.spec.keep else 0
@@ -87,6 +94,22 @@ class Layout:
         ).view(-1, 1, 1)
         p = torch.arange(Pk, device=device).view(1, 1, Pk)
         return ((s_idx * Ck + c) * Bk + b) * Pk + p
+
+    def halt_index(self, s: int, device: torch.device | None) -> Tensor:
+        """[B] objective index of each sample's halting objective at step ``s`` (halt: out)."""
+        s_idx = s if "supervision" in self.spec.keep else 0
+        return self.m_tokens + s_idx * self.B + torch.arange(self.B, device=device)
+
+    def owned(self, s: int, device: torch.device | None) -> Tensor | None:
+        """[B, g]: the objectives of step ``s`` that belong to each sample (its token
+        objectives, then its halting objective), when every objective belongs to one sample:
+        the sample axis is kept and the halting loss is not one shared objective. Else None."""
+        if "sample" not in self.spec.keep or (self.m_halt and self.spec.halt == "separate"):
+            return None
+        index = self.token_index(s, device).reshape(self.B, -1)
+        if self.m_halt:
+            index = torch.cat([index, self.halt_index(s, device)[:, None]], dim=1)
+        return index
 
     def halt_targets(self, s: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """[B, m_tokens] weights spreading a sample's halting loss over its token objectives."""
@@ -134,9 +157,8 @@ def step_contributions(
     if spec.halt == "separate":
         extra[:, layout.m_tokens] = 1.0
     else:  # out: one objective per sample (and per step when steps are kept)
-        s_idx = s if "supervision" in spec.keep else 0
         rows = torch.arange(layout.B, device=out.device)
-        extra[rows, layout.m_tokens + s_idx * layout.B + rows] = 1.0
+        extra[rows, layout.halt_index(s, out.device)] = 1.0
     return out + halt[:, None] * extra
 
 
@@ -215,7 +237,7 @@ def gramian_metrics(G: Tensor, w: Tensor, tol: float = 1e-6) -> dict[str, float]
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradient providers
+# Gramian providers
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class JDResult:
@@ -223,6 +245,18 @@ class JDResult:
 
     metrics: dict[str, float] = field(default_factory=dict)
     reduced_across_ranks: bool = False  # True: .grad is already the global update
+
+
+@dataclass
+class _Gramian:
+    """A provider's result: G [m, m]; the dense Jacobian J [m, n] when it was materialised (for
+    Jacobian aggregators); ``apply(w, update)`` writes the gradient of the weighted objectives,
+    or the aggregator's own dense ``update``, into ``.grad`` (unscaled: the caller scales w)."""
+
+    G: Tensor
+    J: Tensor | None
+    apply: Callable[[Tensor, Tensor | None], None]
+    reduced_across_ranks: bool = False
 
 
 def _flat_grads(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
@@ -248,9 +282,9 @@ class JacobianRows:
 
     ``add(contrib)`` differentiates every objective that step touched right away, so a step's
     graph is freed before the next step runs (stacked supervision steps cost one step's
-    activations, not S). Columns ``[:n_dense]`` belong to ``params`` (they form the Gramian);
-    the rest to ``extra`` (the batch rows of the puzzle embedding, which only follow the
-    weights).
+    activations, not S) unless ``keep_graph``. Columns ``[:n_dense]`` belong to ``params`` (they
+    form the Gramian); the rest to ``extra`` (the batch rows of the puzzle embedding, which only
+    follow the weights).
     """
 
     def __init__(self, params: Sequence[Tensor], extra: Sequence[Tensor], m: int) -> None:
@@ -259,13 +293,16 @@ class JacobianRows:
         n = sum(p.numel() for p in self.params)
         self.J = torch.zeros(m, n, dtype=torch.float32, device=self.params[0].device)
 
-    def add(self, contrib_Bm: Tensor) -> None:
+    def add(self, contrib_Bm: Tensor, keep_graph: bool = False) -> None:
         objectives = contrib_Bm.sum(0)
         # Objectives this step does not touch have exactly zero contributions (and gradient).
         touched = (contrib_Bm.detach() != 0).any(0).nonzero().flatten().tolist()
         for n, i in enumerate(touched):
             grads = torch.autograd.grad(
-                objectives[i], self.params, retain_graph=n < len(touched) - 1, allow_unused=True
+                objectives[i],
+                self.params,
+                retain_graph=keep_graph or n < len(touched) - 1,
+                allow_unused=True,
             )
             self.J[i] += _flat_grads(grads, self.params).float()
 
@@ -277,39 +314,84 @@ def weights_from(
     if kind == "gramian":
         return aggregator(G.to(torch.float32)).to(G.dtype), None
     if J is None:
-        raise ValueError("this aggregator needs the Jacobian: use objective method 'rows'")
+        raise ValueError(
+            "this aggregator needs the Jacobian: use objective method 'rows' or 'per_sample'"
+        )
     update = aggregator(J)
     # Least-squares weights of the update in the row space, for the metrics only.
     w = torch.linalg.lstsq(J.T.double(), update.double().unsqueeze(1)).solution.squeeze(1)
     return w.to(G.dtype), update
 
 
+def head_parameters(model: nn.Module) -> list[Tensor]:
+    """The trainable parameters of the output heads (modules named ``lm_head`` or ``q_head``)."""
+    return [
+        p
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in ("lm_head", "q_head")
+        for p in module.parameters()
+        if p.requires_grad
+    ]
+
+
 class JacobianDescent:
     """One run's Jacobian-descent machinery: spec, aggregator and (lazily) the autogram engine.
 
-    ``step`` turns one optimizer step's per-step contributions into ``.grad``.
+    ``step`` turns one optimizer step's per-step contributions into ``.grad``. ``model`` is the
+    module whose parameters are trained (the loss head).
     """
 
     def __init__(
         self,
         spec: ObjectiveSpec,
         aggregator: AggregatorConfig,
-        engine_modules: Sequence[nn.Module],
+        model: nn.Module,
         seed: int,
     ) -> None:
         self.spec = spec
         self.aggregator_config = aggregator
-        self.engine_modules = list(engine_modules)
+        self.model = model
         self.seed = seed
         self._engine: Any = None
+        uncollected = list(per_sample.uncollected_parameters(model))
+        self.per_sample_ready = not uncollected
+        if spec.method == "per_sample" and uncollected:
+            raise ValueError(
+                f"objective.method per_sample: parameters {uncollected[:3]} are not owned by a "
+                "CastedLinear or CastedEmbedding, so they get no per-sample gradient; use "
+                "method auto, rows or autogram"
+            )
+        if spec.gramian == "heads":
+            if aggregator.kind != "gramian":
+                raise ValueError(
+                    f"objective.gramian heads needs a Gramian weighting; aggregator "
+                    f"'{aggregator.name}' needs the full Jacobian (use gramian full)"
+                )
+            if not head_parameters(model):
+                raise ValueError("objective.gramian heads: the model has no lm_head or q_head")
 
     def method(self, layout: Layout) -> str:
-        """The cheapest exact provider for this spec (unless the spec names one)."""
+        """The cheapest exact provider for this spec (unless the spec names one).
+
+        ``per_sample`` whenever every objective belongs to one sample (IWRM and its stacked
+        forms): one backward per objective of a sample, as cheap as gradient descent for IWRM.
+        ``rows`` otherwise: one backward per objective. ``autogram`` (TorchJD's engine) is the
+        per-sample fallback for models with parameters outside the collecting layers.
+        """
+        if self.spec.gramian == "heads":
+            return "heads"
         if self.spec.method != "auto":
             return self.spec.method
-        kind = self.aggregator_config.kind
-        per_sample = "sample" in self.spec.keep and layout.m_halt == 0
-        if kind == "gramian" and per_sample and layout.S == 1 and self.spec.groups is None:
+        owned = layout.owned(0, None) is not None and layout.m <= MAX_ROWS
+        if owned and self.per_sample_ready:
+            return "per_sample"
+        per_sample_grams = "sample" in self.spec.keep and layout.m_halt == 0
+        if (
+            self.aggregator_config.kind == "gramian"
+            and per_sample_grams
+            and layout.S == 1
+            and self.spec.groups is None
+        ):
             return "autogram"
         return "rows"
 
@@ -317,8 +399,11 @@ class JacobianDescent:
         if self._engine is None:
             from torchjd.autogram import Engine
 
+            modules = [
+                m for m in self.model.modules() if any(p.requires_grad for p in m.parameters(False))
+            ]
             # Created once: the engine hooks the modules for the rest of the run.
-            self._engine = Engine(*self.engine_modules, batch_dim=0)
+            self._engine = Engine(*modules, batch_dim=0)
         return self._engine
 
     def step(
@@ -333,82 +418,212 @@ class JacobianDescent:
         all_reduce: Callable[[Tensor], Tensor],
     ) -> JDResult:
         """Aggregate and write ``.grad``. ``steps`` yields each supervision step's per-sample
-        contributions [B, m] (lazily: the rows provider differentiates each before the next)."""
-        timings: dict[str, float] = {}
+        contributions [B, m] (lazily: the providers differentiate each before the next)."""
         t0 = time.perf_counter()
         method = self.method(layout)
         grouping = grouping_matrix(layout.m, self.spec.groups, self.seed, step_index, None)
         m = layout.m if grouping is None else grouping.shape[1]
-
-        def grouped(c: Tensor) -> Tensor:
-            return c if grouping is None else c @ grouping.to(device=c.device, dtype=c.dtype)
-
         aggregator, kind = build_aggregator(self.aggregator_config, m), self.aggregator_config.kind
-        scale = m / global_batch_size  # Mean weighting == gradient descent on the summed loss
-        result = JDResult()
+        # Objectives every rank shares (no sample axis) are aggregated on the global Jacobian.
+        shared = "sample" not in self.spec.keep
         if method == "rows":
-            if m > MAX_ROWS:
-                raise ValueError(
-                    f"objective '{self.spec.name}' has {m} objectives here, too many to "
-                    f"differentiate one by one (at most {MAX_ROWS}); group them with "
-                    "objective.groups=k (the fork's +grad_n_groups=k)"
-                )
-            rows = JacobianRows(params, extra_params, m)
-            for c in steps:
-                rows.add(grouped(c))
-            # Contiguous copies: collectives need them, and the column blocks are strided views.
-            J_dense = rows.J[:, : rows.n_dense].contiguous()
-            J_extra = rows.J[:, rows.n_dense :].contiguous()
-            if "sample" not in self.spec.keep:
-                # Objectives every rank shares: sum their gradients over ranks, so that every
-                # rank aggregates the same global Jacobian and applies the same update.
-                all_reduce(J_dense)
-                result.reduced_across_ranks = True
-            timings["gramian"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            G = J_dense @ J_dense.T
-            w, update = weights_from(G, aggregator, kind, J_dense)
-            timings["weighting"] = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            w32 = w.to(torch.float32)
-            dense = update if update is not None else J_dense.T @ w32
-            _assign_flat(rows.params, scale * torch.cat([dense, J_extra.T @ w32]))
-            timings["backward"] = time.perf_counter() - t2
+            gram = _rows(steps, layout, params, extra_params, grouping, shared, all_reduce)
+        elif method == "per_sample":
+            gram = _per_sample(steps, layout, params, extra_params, grouping)
+        elif method == "heads":
+            heads = head_parameters(self.model)
+            gram = _heads(steps, layout, heads, grouping, shared, all_reduce)
         elif method == "autogram":
             if kind != "gramian":
                 raise ValueError(f"aggregator '{self.aggregator_config.name}' needs method rows")
-            engine = self.engine()  # hooks must be in place before the forward runs
-            (c,) = list(steps)
-            c = grouped(c)
-            output, back = _per_sample_output(c, layout)
-            G = back(engine.compute_gramian(output))
-            timings["gramian"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            w, _ = weights_from(G, aggregator, kind, None)
-            timings["weighting"] = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            c.backward(scale * w.to(c.dtype).expand_as(c))
-            timings["backward"] = time.perf_counter() - t2
+            gram = _autogram(steps, layout, self.engine(), grouping)
         else:
             raise ValueError(f"unknown Jacobian method '{method}'")
-        result.metrics = {f"jd/{k}": v for k, v in gramian_metrics(G, w).items()}
-        result.metrics.update({f"jd/seconds_{k}": v for k, v in timings.items()})
-        return result
+        t1 = time.perf_counter()
+        w, update = weights_from(gram.G, aggregator, kind, gram.J)
+        t2 = time.perf_counter()
+        scale = m / global_batch_size  # Mean weighting == gradient descent on the summed loss
+        gram.apply(scale * w.to(torch.float32), None if update is None else scale * update)
+        t3 = time.perf_counter()
+        metrics = {f"jd/{k}": v for k, v in gramian_metrics(gram.G, w).items()}
+        timings = {"gramian": t1 - t0, "weighting": t2 - t1, "backward": t3 - t2}
+        metrics.update({f"jd/seconds_{k}": v for k, v in timings.items()})
+        return JDResult(metrics=metrics, reduced_across_ranks=gram.reduced_across_ranks)
 
 
-def _per_sample_output(c_Bm: Tensor, layout: Layout) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+def _grouped(c_Bm: Tensor, grouping: Tensor | None) -> Tensor:
+    return c_Bm if grouping is None else c_Bm @ grouping.to(device=c_Bm.device, dtype=c_Bm.dtype)
+
+
+def _rows(
+    steps: Iterable[Tensor],
+    layout: Layout,
+    params: Sequence[Tensor],
+    extra: Sequence[Tensor],
+    grouping: Tensor | None,
+    shared: bool,
+    all_reduce: Callable[[Tensor], Tensor],
+) -> _Gramian:
+    """One ``autograd.grad`` per objective, each step's as soon as it has run."""
+    m = layout.m if grouping is None else grouping.shape[1]
+    if m > MAX_ROWS:
+        raise ValueError(
+            f"objective '{layout.spec.name}' has {m} objectives here, too many to "
+            f"differentiate one by one (at most {MAX_ROWS}); group them with "
+            "objective.groups=k (the fork's +grad_n_groups=k)"
+        )
+    rows = JacobianRows(params, extra, m)
+    for c in steps:
+        rows.add(_grouped(c, grouping))
+    # Contiguous copies: collectives need them, and the column blocks are strided views.
+    J_dense = rows.J[:, : rows.n_dense].contiguous()
+    J_extra = rows.J[:, rows.n_dense :].contiguous()
+    if shared:
+        # Sum the objectives' gradients over ranks, so that every rank aggregates the same
+        # global Jacobian and applies the same update.
+        all_reduce(J_dense)
+
+    def apply(w: Tensor, update: Tensor | None) -> None:
+        dense = update if update is not None else J_dense.T @ w
+        _assign_flat(rows.params, torch.cat([dense, J_extra.T @ w]))
+
+    return _Gramian(J_dense @ J_dense.T, J_dense, apply, reduced_across_ranks=shared)
+
+
+def _heads(
+    steps: Iterable[Tensor],
+    layout: Layout,
+    heads: Sequence[Tensor],
+    grouping: Tensor | None,
+    shared: bool,
+    all_reduce: Callable[[Tensor], Tensor],
+) -> _Gramian:
+    """Partial Jacobian descent: rows of the heads' parameters only (each backward stops at the
+    heads), then one weighted backward through the whole model. Shared objectives reduce their
+    head rows across ranks, so every rank computes the same weights; the weighted gradient is
+    then reduced as in gradient descent."""
+    (c,) = list(steps)  # one supervision step (the spec forbids stacked ones)
+    c = _grouped(c, grouping)
+    rows = JacobianRows(heads, [], c.shape[1])
+    rows.add(c, keep_graph=True)
+    J = rows.J
+    if shared:
+        all_reduce(J)
+
+    def apply(w: Tensor, update: Tensor | None) -> None:
+        assert update is None  # Gramian weightings only (checked at construction)
+        (c.sum(0) * w.to(c.dtype)).sum().backward()
+
+    return _Gramian(J @ J.T, None, apply)
+
+
+def _per_sample(
+    steps: Iterable[Tensor],
+    layout: Layout,
+    params: Sequence[Tensor],
+    extra: Sequence[Tensor],
+    grouping: Tensor | None,
+) -> _Gramian:
+    """Objectives that each belong to one sample (``Layout.owned``): every backward yields the
+    rows of B objectives at once (``models.per_sample``), so IWRM costs one backward.
+
+    The per-sample rows J_fine [m_fine, n] are grouped algebraically (J = Aᵀ J_fine). The
+    puzzle-embedding batch rows (``extra``: tensors [B, ...] whose row b only sample b uses)
+    give each objective a gradient on its owner's row, kept as E [m_fine, row size]; they
+    follow the weights as in the other providers.
+    """
+    B, m_fine = layout.B, layout.m
+    device = params[0].device
+    if m_fine > MAX_ROWS:
+        raise ValueError(
+            f"objective '{layout.spec.name}' has {m_fine} per-sample objectives here, too "
+            f"many to hold (at most {MAX_ROWS}); use method rows with objective.groups=k"
+        )
+    J_fine = torch.zeros(m_fine, sum(p.numel() for p in params), device=device)
+    row_sizes = [x[0].numel() for x in extra]
+    E = torch.zeros(m_fine, sum(row_sizes), device=device)
+    owner = torch.zeros(m_fine, dtype=torch.long, device=device)
+    samples = torch.arange(B, device=device)
+    # Gradients already there (accumulation) are set aside: every .grad seen below must come
+    # from these backwards, and a parameter that an op used outside the collector shows up.
+    stashed = [(p, p.grad) for p in [*params, *extra]]
+    for p, _ in stashed:
+        p.grad = None
+    sink = per_sample.PerSampleGradients(params, B)
+    with sink:  # the forwards run while the step generator is iterated
+        for s, c in enumerate(steps):
+            owned = layout.owned(s, device)
+            assert owned is not None  # JacobianDescent.method checks it
+            own_c = c.gather(1, owned.to(c.device))  # [B, g]: column r, one objective per sample
+            for r in range(own_c.shape[1]):
+                owner[owned[:, r]] = samples
+                if not own_c.requires_grad:
+                    continue
+                sink.zero_()
+                own_c[:, r].sum().backward(retain_graph=r < own_c.shape[1] - 1)
+                J_fine.index_add_(0, owned[:, r], sink.flat())
+                if extra:
+                    rows = [
+                        x.grad.reshape(B, -1) if x.grad is not None else x.new_zeros(B, size)
+                        for x, size in zip(extra, row_sizes, strict=True)
+                    ]
+                    E.index_add_(0, owned[:, r], torch.cat(rows, dim=1).float())
+                    for x in extra:
+                        x.grad = None
+    leaked = [tuple(p.shape) for p in params if p.grad is not None]
+    for p, g in stashed:
+        p.grad = g
+    if leaked:
+        raise ValueError(
+            f"objective.method per_sample: parameters of shapes {leaked[:3]} got a summed "
+            "gradient (an op used them outside CastedLinear/CastedEmbedding); use method rows"
+        )
+    A = None if grouping is None else grouping.to(device=device, dtype=J_fine.dtype)
+    J = J_fine if A is None else A.T @ J_fine
+
+    def apply(w: Tensor, update: Tensor | None) -> None:
+        w_fine = w if A is None else A @ w
+        dense = update if update is not None else J_fine.T @ w_fine
+        # Each objective's embedding-row gradient lands on its owner's row, weighted.
+        rows = torch.zeros(B, E.shape[1], device=device).index_add_(0, owner, w_fine[:, None] * E)
+        per_tensor = [r.reshape(-1) for r in rows.split(row_sizes, dim=1)]
+        _assign_flat([*params, *extra], torch.cat([dense, *per_tensor]))
+
+    return _Gramian(J @ J.T, J, apply)
+
+
+def _autogram(
+    steps: Iterable[Tensor], layout: Layout, engine: Any, grouping: Tensor | None
+) -> _Gramian:
+    """TorchJD's autogram engine: the Gramian of per-sample outputs in one instrumented
+    backward (hooks installed before the forward), then one weighted backward."""
+    (c,) = list(steps)
+    c = _grouped(c, grouping)
+    output, back = _per_sample_output(c, layout, grouped=grouping is not None)
+    G = back(engine.compute_gramian(output))
+
+    def apply(w: Tensor, update: Tensor | None) -> None:
+        assert update is None  # Gramian weightings only (checked by the caller)
+        c.backward(w.to(c.dtype).expand_as(c))
+
+    return _Gramian(G, None, apply)
+
+
+def _per_sample_output(
+    c_Bm: Tensor, layout: Layout, grouped: bool
+) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """The tensor whose Gramian autogram computes, and the map from its Gramian to G [m, m].
 
-    With the sample axis kept every objective belongs to one sample: the output is the [B] or
-    [B, g] arrangement of the objectives themselves. Otherwise every sample contributes to every
-    objective: the output is [B, m] and G = Σ_{b, b'} G_fine[(b, ·), (b', ·)].
+    When every objective belongs to one sample (sample axis kept, no halting objective shared,
+    no grouping), the output is the [B] or [B, g] arrangement of the objectives themselves.
+    Otherwise every sample may contribute to every objective: the output is [B, m] and
+    G = Σ_{b, b'} G_fine[(b, ·), (b', ·)].
     """
     B, m = c_Bm.shape
-    if "sample" in layout.spec.keep and layout.m_halt == 0:
-        # Column j of sample b is objective token_index: gather each sample's own columns.
-        index = layout.token_index(0, c_Bm.device).reshape(B, -1)
-        output = c_Bm.gather(1, index)
-        order = index.reshape(-1)
+    owned = None if grouped else layout.owned(0, c_Bm.device)
+    if owned is not None:
+        output = c_Bm.gather(1, owned)
+        order = owned.reshape(-1)
 
         def back(G_fine: Tensor) -> Tensor:
             G = torch.zeros(m, m, dtype=G_fine.dtype, device=G_fine.device)

@@ -23,7 +23,12 @@ class ObjectiveSpec(StrictModel):
     ``halt_max_steps`` supervision steps on the same batch inside one optimizer step (each
     step's token losses divided by their number, as the fork). ``internal``: the per-H-cycle
     losses of ``arch=trmjd`` (weighted by ``intermediate_loss_weight``) join the final loss
-    (``with_final``) or replace it (``only``).
+    (``with_final``) or replace it (``only``). ``method`` picks how the Gramian is computed
+    (``auto``: the cheapest exact way, see ``utils/jd.py``). ``gramian``: ``full`` forms it from
+    the gradients of every weight (Jacobian descent); ``heads`` from those of the output heads
+    ``lm_head``/``q_head`` only (partial Jacobian descent: the weights resolve conflicts seen in
+    the heads, each objective costs a backward through the heads alone, and the update is one
+    full weighted backward).
     """
 
     name: str = "sum"
@@ -34,7 +39,8 @@ class ObjectiveSpec(StrictModel):
     internal: Literal["none", "with_final", "only"] = "none"
     intermediate_loss_weight: float = Field(1e-4, ge=0)
     carry_perturbation_rate: float = Field(0.0, ge=0, description="noise between stacked steps")
-    method: Literal["auto", "rows", "autogram"] = "auto"
+    method: Literal["auto", "rows", "per_sample", "autogram"] = "auto"
+    gramian: Literal["full", "heads"] = "full"
 
     @model_validator(mode="after")
     def _check(self) -> ObjectiveSpec:
@@ -46,6 +52,17 @@ class ObjectiveSpec(StrictModel):
             raise ValueError("keeping the 'supervision' axis needs supervisions: stacked")
         if self.internal == "only" and self.halt in ("out", "separate"):
             raise ValueError("internal: only keeps no final-loss objective for the halting loss")
+        if self.gramian == "heads":
+            if self.supervisions == "stacked":
+                raise ValueError(
+                    "gramian: heads needs supervisions: one (its weighted backward needs every "
+                    "step's graph at once); use gramian: full with stacked supervisions"
+                )
+            if self.method not in ("auto", "rows"):
+                raise ValueError(
+                    f"gramian: heads differentiates the heads one objective at a time; set "
+                    f"method: auto (not '{self.method}')"
+                )
         return self
 
 

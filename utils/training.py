@@ -181,12 +181,11 @@ def create_train_state(
         descent = jd.JacobianDescent(
             config.objective,
             config.aggregator,
-            engine_modules=[
-                m for m in head.modules() if any(p.requires_grad for p in m.parameters(False))
-            ],
+            model=head,
             seed=config.seed,
         )
-    # TorchJD's autogram hooks the eager modules, so Jacobian descent runs uncompiled.
+    # Per-sample layers and TorchJD's autogram hooks work on eager modules: Jacobian descent
+    # runs uncompiled.
     compile_model = _want_compile(config, dist_info.device) and descent is None
     model: nn.Module = torch.compile(head) if compile_model else head
     return TrainState(

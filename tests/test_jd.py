@@ -428,3 +428,12 @@ def test_modes_that_cannot_apply_fail_at_start_up_saying_which_fit() -> None:
         load_pretrain_config(compose(overrides=["objective=stack_internal_losses"]))
     with pytest.raises(ConfigError, match="arch=trmjd has no halting head; modes that fit"):
         load_pretrain_config(compose(overrides=["objective=iwrm_with_q_halt_out", "arch=trmjd"]))
+
+
+def test_jacobian_descent_with_frozen_weights_fails_at_start_up() -> None:
+    from utils.config import ConfigError
+
+    overrides = ["objective=iwrm_with_q_halt_in", "freeze_weights=True"]
+    with pytest.raises(ConfigError, match="freeze_weights trains only the puzzle embedding"):
+        load_pretrain_config(compose(overrides=overrides))
+    assert load_pretrain_config(compose(overrides=["freeze_weights=True"])).freeze_weights

@@ -300,8 +300,15 @@ def validate_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
 
 def _check_objective_fits_arch(config: PretrainConfig) -> None:
     """Objectives that need per-cycle losses or a halting head fail early on other models;
-    partial Jacobian descent needs a Gramian weighting."""
+    partial Jacobian descent needs a Gramian weighting; Jacobian descent needs trained
+    weights."""
     spec, arch = config.objective, config.arch
+    if config.freeze_weights and not spec.is_gradient_descent:
+        raise ConfigError(
+            f"freeze_weights trains only the puzzle embedding, whose rows are not part of the "
+            f"Gramian, so objective '{spec.name}' would weight objectives it cannot tell apart; "
+            "use objective=sum with freeze_weights"
+        )
     if spec.gramian == "heads" and config.aggregator.kind != "gramian":
         raise ConfigError(
             f"objective.gramian: heads forms the weights from the heads' Gramian, but "

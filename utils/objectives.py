@@ -42,6 +42,17 @@ class ObjectiveSpec(StrictModel):
     method: Literal["auto", "rows", "per_sample", "autogram"] = "auto"
     gramian: Literal["full", "heads"] = "full"
 
+    @property
+    def is_gradient_descent(self) -> bool:
+        """The plain summed loss of one supervision step (``objective=sum``): upstream's path."""
+        return (
+            not self.keep
+            and self.halt == "in"
+            and self.groups is None
+            and self.supervisions == "one"
+            and self.internal == "none"
+        )
+
     @model_validator(mode="after")
     def _check(self) -> ObjectiveSpec:
         if len(set(self.keep)) != len(self.keep):

@@ -40,7 +40,6 @@ from utils.distributed import (
     broadcast_tensors_,
     gather_objects,
 )
-from utils.objectives import ObjectiveSpec
 from utils.optim import AdamATan2, cosine_schedule_with_warmup_lr_lambda, set_lr
 
 
@@ -177,7 +176,7 @@ def create_train_state(
         ema = EMAHelper(mu=config.ema_rate)
         ema.register(head)
     descent = None
-    if not is_gradient_descent(config.objective):
+    if not config.objective.is_gradient_descent:
         descent = jd.JacobianDescent(
             config.objective,
             config.aggregator,
@@ -427,17 +426,6 @@ def _check_finite(loss: torch.Tensor, state: TrainState, last_checkpoint: Path |
         )
 
 
-def is_gradient_descent(spec: ObjectiveSpec) -> bool:
-    """The plain summed loss of one supervision step (``objective=sum``): upstream's path."""
-    return (
-        not spec.keep
-        and spec.halt == "in"
-        and spec.groups is None
-        and spec.supervisions == "one"
-        and spec.internal == "none"
-    )
-
-
 def _objective_backward(
     config: PretrainConfig,
     state: TrainState,
@@ -521,7 +509,7 @@ def train_batch(
     if state.carry is None:
         state.carry = state.model.initial_carry(batch)
 
-    if is_gradient_descent(config.objective):
+    if config.objective.is_gradient_descent:
         out: LossOutput = state.model(carry=state.carry, batch=batch, return_keys=())
         state.carry = out.new_carry
         loss = REDUCTIONS.get("sum")(out)

@@ -636,16 +636,3 @@ def _per_sample_output(
         return G_fine.view(B, m, B, m).sum(dim=(0, 2))
 
     return c_Bm, contract
-
-
-def perturb_carry(carry: Any, rate: float, generator: torch.Generator | None = None) -> Any:
-    """The fork's noise between stacked supervision steps: N(0, rate²) added to every latent
-    of the ACT carry (not to carried logits). Returns a new carry."""
-    noisy = {}
-    for name, z in carry.inner_carry.items():
-        if name == "output_logits":
-            noisy[name] = z
-            continue
-        noise = torch.randn(z.shape, generator=generator, dtype=torch.float32).to(z.device)
-        noisy[name] = z + (rate * noise).to(z.dtype)
-    return type(carry)(noisy, carry.steps, carry.halted, carry.current_data)

@@ -26,7 +26,7 @@ from dataset.common import PuzzleDatasetMetadata
 from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from models.ema import EMAHelper, unwrap_module
 from models.losses import REDUCTIONS, LossOutput, sum_row_metrics
-from models.recursive_reasoning.common import ACTCarry, ModelDims
+from models.recursive_reasoning.common import ACTCarry, ModelDims, perturb_carry
 from models.registry import build_loss_head, describe_model
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
 from utils import checkpoint as ckpt
@@ -470,7 +470,7 @@ def _objective_backward(
             )
             _check_finite(c.detach().sum(), state, last_checkpoint)
             if spec.carry_perturbation_rate > 0 and s < S - 1:
-                state.carry = jd.perturb_carry(state.carry, spec.carry_perturbation_rate)
+                state.carry = perturb_carry(state.carry, spec.carry_perturbation_rate)
             yield c
 
     if layout.m == 1:

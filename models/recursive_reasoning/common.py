@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -480,3 +480,26 @@ class ACTModel(nn.Module):
             steps = steps + 1
             new_halted = self.update_halting(steps, new_inner, current_data, outputs)
         return ACTCarry(new_inner, steps, new_halted, current_data), outputs
+
+
+def perturb_carry(
+    carry: ACTCarry, rate: float, generator: torch.Generator | None = None
+) -> ACTCarry:
+    """A copy of ``carry`` with ``z += rate·ε``, ε ~ N(0, 1) i.i.d., on every latent.
+
+    The JD fork's perturbation between stacked supervision steps (on ``z_H`` and ``z_L`` there;
+    here on every latent of the architecture). Carried logits (``output_logits``), steps,
+    halted flags and data are shared with ``carry``, which is not modified. The noise is drawn
+    in float32 from ``generator`` (on the generator's device, then moved), added in float32 and
+    cast back to the latent's dtype.
+    """
+    inner = dict(carry.inner_carry)
+    for name, z in carry.inner_carry.items():
+        if name == "output_logits":
+            continue
+        noise_device = generator.device if generator is not None else z.device
+        noise = torch.randn(
+            z.shape, generator=generator, dtype=torch.float32, device=noise_device
+        ).to(z.device)
+        inner[name] = (z.to(torch.float32) + rate * noise).to(z.dtype)
+    return replace(carry, inner_carry=inner)

@@ -18,7 +18,6 @@ The recursion is TRM's (``trm.py``): T = ``H_cycles`` outer cycles of n = ``L_cy
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ from models.recursive_reasoning.common import (
     Batch,
     InnerCarry,
     ModelDims,
+    perturb_carry,
 )
 from models.recursive_reasoning.configs import TRMJDConfig
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1_Inner
@@ -140,29 +140,8 @@ class TinyRecursiveReasoningModelJD_V1(ACTModel):
     def perturb_carry(
         carry: ACTCarry, rate: float, generator: torch.Generator | None = None
     ) -> ACTCarry:
-        """See ``perturb_carry``."""
+        """See ``models.recursive_reasoning.common.perturb_carry``."""
         return perturb_carry(carry, rate, generator)
-
-
-def perturb_carry(
-    carry: ACTCarry, rate: float, generator: torch.Generator | None = None
-) -> ACTCarry:
-    """A copy of ``carry`` with ``z_H += rate·ε`` and ``z_L += rate·ε``, ε ~ N(0, 1) i.i.d.
-
-    The JD fork's perturbation between stacked supervision steps. ``output_logits``, steps,
-    halted flags and data are shared with ``carry``, which is not modified. The noise is drawn
-    in float32 from ``generator`` (on the generator's device, then moved), added in float32 and
-    cast back to the latent's dtype.
-    """
-    inner = dict(carry.inner_carry)
-    for name in ("z_H", "z_L"):
-        z = inner[name]
-        noise_device = generator.device if generator is not None else z.device
-        noise = torch.randn(
-            z.shape, generator=generator, dtype=torch.float32, device=noise_device
-        ).to(z.device)
-        inner[name] = (z.to(torch.float32) + rate * noise).to(z.dtype)
-    return replace(carry, inner_carry=inner)
 
 
 MODELS.add("trmjd", TinyRecursiveReasoningModelJD_V1)

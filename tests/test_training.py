@@ -122,6 +122,19 @@ def test_every_objective_mode_trains(mode: str, arc_data: Path, tmp_path: Path) 
         assert lines[-1]["jd/update_conflicts"] == 0.0
 
 
+def test_stacked_steps_perturb_the_carry_between_steps(arc_data: Path, tmp_path: Path) -> None:
+    """The fork's noise between stacked supervision steps reaches training (rate 0: none)."""
+    losses = []
+    for rate in (0.0, 0.0, 0.5):
+        run = tmp_path / f"rate{rate}_{len(losses)}"
+        config = make_config(arc_data, run, "objective=stack_supervisions_and_sum", "max_steps=1",
+                             "evaluators=[]", "arch.halt_exploration_prob=0",
+                             f"objective.carry_perturbation_rate={rate}")  # fmt: skip
+        assert train(config).steps == 1
+        losses.append(next(m for m in metric_lines(run) if "train/lm_loss" in m)["train/lm_loss"])
+    assert losses[0] == losses[1] != losses[2] and math.isfinite(losses[2])
+
+
 def test_partial_jacobian_descent_trains(arc_data: Path, tmp_path: Path) -> None:
     config = make_config(arc_data, tmp_path, "objective=pixelwise_q_halt_in", "objective.groups=4",
                          "objective.gramian=heads", "max_steps=2", "evaluators=[]")  # fmt: skip

@@ -38,7 +38,9 @@ class ObjectiveSpec(StrictModel):
     supervisions: Literal["one", "stacked"] = "one"
     internal: Literal["none", "with_final", "only"] = "none"
     intermediate_loss_weight: float = Field(1e-4, ge=0)
-    carry_perturbation_rate: float = Field(0.0, ge=0, description="noise between stacked steps")
+    carry_perturbation_rate: float = Field(
+        1e-3, ge=0, description="std of the noise on the latents between stacked steps (the fork's)"
+    )
     method: Literal["auto", "rows", "per_sample", "autogram"] = "auto"
     gramian: Literal["full", "heads"] = "full"
 

@@ -266,6 +266,7 @@ def test_stacked_supervisions_one_step_at_a_time_equal_gradient_descent_over_the
     ("mode", "options", "methods"),
     [
         ("iwrm_with_q_halt_in", {}, ("rows", "per_sample", "autogram")),
+        ("iwrm_with_q_halt_out", {}, ("rows", "per_sample", "autogram")),
         ("iwrm_with_q_halt_out", {"groups": 5}, ("rows", "per_sample", "autogram")),
         ("stack_supervisions_and_iwrm", {}, ("rows", "per_sample")),
     ],
@@ -304,7 +305,8 @@ def test_auto_picks_the_cheapest_exact_provider() -> None:
 
     head.register_parameter("stray", torch.nn.Parameter(torch.zeros(2)))  # no per-sample layer
     assert method("iwrm_with_q_halt_in", model=head) == "autogram"
-    assert method("iwrm_with_q_halt_out", model=head) == "rows"
+    assert method("iwrm_with_q_halt_out", model=head) == "autogram"
+    assert method("iwrm_with_q_halt_in", "config", model=head) == "rows"
     with pytest.raises(ValueError, match=r"per_sample: parameters \['stray'\] are not owned"):
         method("iwrm_with_q_halt_in", model=head, method="per_sample")
 
@@ -364,13 +366,22 @@ def test_partial_gramian_is_the_heads_block_of_the_full_one() -> None:
     assert not torch.allclose(partial.G, full.G)  # the trunk's gradients are left out
 
 
+def test_explicit_methods_that_cannot_apply_are_refused() -> None:
+    with pytest.raises(ValueError, match="per_sample needs objectives that each belong"):
+        mode_spec("pixelwise_q_halt_in", method="per_sample")
+    with pytest.raises(ValueError, match="per_sample needs objectives that each belong"):
+        ObjectiveSpec(keep=["sample"], halt="separate", method="per_sample")
+    with pytest.raises(ValueError, match="autogram differentiates one supervision step"):
+        mode_spec("stack_supervisions_and_iwrm", method="autogram")
+
+
 def test_partial_jacobian_descent_needs_one_step_and_a_gramian_weighting() -> None:
     from utils.config import ConfigError
 
     with pytest.raises(ValueError, match="gramian: heads needs supervisions: one"):
         mode_spec("stack_supervisions", gramian="heads")
     with pytest.raises(ValueError, match="set method: auto"):
-        mode_spec("pixelwise_q_halt_in", gramian="heads", method="per_sample")
+        mode_spec("iwrm_with_q_halt_in", gramian="heads", method="per_sample")
     overrides = ["objective=pixelwise_q_halt_in", "objective.gramian=heads", "aggregator=config"]
     with pytest.raises(ConfigError, match="aggregator 'config' needs the full Jacobian"):
         load_pretrain_config(compose(overrides=overrides))

@@ -250,8 +250,9 @@ class JDResult:
 @dataclass
 class _Gramian:
     """A provider's result: G [m, m]; the dense Jacobian J [m, n] when it was materialised (for
-    Jacobian aggregators); ``apply(w, update)`` writes the gradient of the weighted objectives,
-    or the aggregator's own dense ``update``, into ``.grad`` (unscaled: the caller scales w)."""
+    Jacobian aggregators); ``apply(w, update)`` adds the gradient of Σ_i w_i·objective_i, with
+    the aggregator's own dense ``update`` in place of Jᵀw when there is one, to ``.grad``. The
+    caller has already scaled w and the update."""
 
     G: Tensor
     J: Tensor | None
@@ -382,16 +383,11 @@ class JacobianDescent:
             return "heads"
         if self.spec.method != "auto":
             return self.spec.method
-        owned = layout.owned(0, None) is not None and layout.m <= MAX_ROWS
-        if owned and self.per_sample_ready:
+        owned = layout.owned(0, None) is not None
+        if owned and self.per_sample_ready and layout.m <= MAX_ROWS:
             return "per_sample"
-        per_sample_grams = "sample" in self.spec.keep and layout.m_halt == 0
-        if (
-            self.aggregator_config.kind == "gramian"
-            and per_sample_grams
-            and layout.S == 1
-            and self.spec.groups is None
-        ):
+        gramian = self.aggregator_config.kind == "gramian"
+        if owned and gramian and layout.S == 1 and self.spec.groups is None:
             return "autogram"
         return "rows"
 

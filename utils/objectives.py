@@ -65,6 +65,16 @@ class ObjectiveSpec(StrictModel):
             raise ValueError("keeping the 'supervision' axis needs supervisions: stacked")
         if self.internal == "only" and self.halt in ("out", "separate"):
             raise ValueError("internal: only keeps no final-loss objective for the halting loss")
+        if self.method == "per_sample" and ("sample" not in self.keep or self.halt == "separate"):
+            raise ValueError(
+                "method: per_sample needs objectives that each belong to one sample (keep the "
+                "'sample' axis, halt not 'separate'); use method: auto"
+            )
+        if self.method == "autogram" and self.supervisions == "stacked":
+            raise ValueError(
+                "method: autogram differentiates one supervision step; use method: auto with "
+                "stacked supervisions"
+            )
         if self.gramian == "heads":
             if self.supervisions == "stacked":
                 raise ValueError(

@@ -14,7 +14,7 @@ first runs one plain gradient-descent step (one-time costs), then ``--warmup`` u
 (``--slow-warmup`` for stacks and forks), then up to ``--steps`` timed ones, fewer when they would
 exceed ``--child-seconds``. The fork's configurations cost tens of gradient-descent steps each,
 so they run in the first ``--fork-rounds`` rounds only (default 1; about 14 minutes in all for
-the defaults on a 2-core CPU, 3.5 of them the fork's S² stack).
+the defaults on a 2-core CPU, 4 of them the fork's S² stack).
 
 Configurations (S = ``--stack-steps``, k = ``--groups``):
 

@@ -30,16 +30,25 @@ _ACTIVE: list[PerSampleGradients] = []
 class PerSampleGradients:
     """Collects per-sample gradients of ``params`` over the forwards run inside ``with``.
 
-    ``flat()`` is the per-sample Jacobian ``[B, n]`` (float32) in the order of ``params``, with
-    zero columns for parameters no collected op used; ``zero_()`` starts a new accumulation.
-    Parameters outside ``params`` that require grad get their usual summed ``.grad``.
+    The gradients accumulate in one float32 buffer ``[B, n]`` laid out in the order of
+    ``params`` (each parameter a block of columns, viewed as ``[B, *shape]``); ``flat()`` is
+    that buffer, the per-sample Jacobian, with zero columns for parameters no collected op
+    used, and ``zero_()`` starts a new accumulation. Parameters outside ``params`` that require
+    grad get their usual summed ``.grad``.
     """
 
     def __init__(self, params: Sequence[Tensor], batch_size: int) -> None:
         self.params = list(params)
         self.batch_size = batch_size
-        self._tracked = {id(p) for p in self.params}
-        self._grads: dict[int, Tensor] = {}
+        n = sum(p.numel() for p in self.params)
+        device = self.params[0].device if self.params else None
+        self._buffer = torch.zeros(batch_size, n, dtype=torch.float32, device=device)
+        self._views: dict[int, Tensor] = {}
+        offset = 0
+        for p in self.params:
+            block = self._buffer[:, offset : offset + p.numel()]
+            self._views[id(p)] = block.view(batch_size, *p.shape)
+            offset += p.numel()
 
     def __enter__(self) -> PerSampleGradients:
         _ACTIVE.append(self)
@@ -49,36 +58,25 @@ class PerSampleGradients:
         _ACTIVE.remove(self)
 
     def tracks(self, param: Tensor | None) -> bool:
-        return param is not None and id(param) in self._tracked
+        return param is not None and id(param) in self._views
 
     def add(self, param: Tensor, grad_B: Tensor) -> None:
-        """Add ``grad_B`` [B, *param.shape] (any float dtype) to ``param``'s buffer."""
+        """Add ``grad_B`` [B, *param.shape] (any float dtype) to ``param``'s block."""
         if grad_B.shape[0] != self.batch_size:
             raise ValueError(
                 f"per-sample gradient of a {tuple(param.shape)} parameter has batch "
                 f"{grad_B.shape[0]}, expected {self.batch_size}: every collected op must keep "
                 "the sample axis first"
             )
-        buf = self._grads.get(id(param))
-        if buf is None:
-            self._grads[id(param)] = grad_B.to(torch.float32).clone()
-        else:
-            buf.add_(grad_B)
+        self._views[id(param)].add_(grad_B)
 
     def zero_(self) -> None:
-        self._grads.clear()
+        self._buffer.zero_()
 
     def flat(self) -> Tensor:
-        """[B, n] float32: row b is the gradient of sample b's loss."""
-        columns = []
-        for p in self.params:
-            g = self._grads.get(id(p))
-            columns.append(
-                g.reshape(self.batch_size, -1)
-                if g is not None
-                else torch.zeros(self.batch_size, p.numel(), device=p.device)
-            )
-        return torch.cat(columns, dim=1)
+        """[B, n] float32, row b the gradient of sample b's loss: the buffer itself, so read it
+        before the next ``zero_()``."""
+        return self._buffer
 
 
 def active(*params: Tensor | None) -> PerSampleGradients | None:

@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, Field, SerializeAsAny, ValidationError, model_validator
 
-from utils.objectives import AggregatorConfig, ObjectiveSpec, fold_fork_knobs
+from utils.objectives import AggregatorConfig, ObjectiveSpec, fold_fork_knobs, partial_jd_problem
 from utils.registry import Registry
 from utils.schema import ConfigError, StrictModel
 
@@ -309,12 +309,9 @@ def _check_objective_fits_arch(config: PretrainConfig) -> None:
             f"Gramian, so objective '{spec.name}' would weight objectives it cannot tell apart; "
             "use objective=sum with freeze_weights"
         )
-    if spec.gramian == "heads" and config.aggregator.kind != "gramian":
-        raise ConfigError(
-            f"objective.gramian: heads forms the weights from the heads' Gramian, but "
-            f"aggregator '{config.aggregator.name}' needs the full Jacobian; use "
-            "objective.gramian=full or a Gramian aggregator (upgrad, mean, mgda, dualproj, ...)"
-        )
+    problem = partial_jd_problem(spec, config.aggregator)
+    if problem is not None:
+        raise ConfigError(problem)
     no_halting = bool(getattr(arch, "no_act", False))
     problem = None
     if spec.internal != "none" and arch.name != "trmjd":

@@ -43,7 +43,14 @@ import torch
 from torch import Tensor, nn
 
 from models import per_sample
-from utils.objectives import AGGREGATOR_CLASSES, AXES, AggregatorConfig, Axis, ObjectiveSpec
+from utils.objectives import (
+    AGGREGATOR_CLASSES,
+    AXES,
+    AggregatorConfig,
+    Axis,
+    ObjectiveSpec,
+    partial_jd_problem,
+)
 
 NORM_EPS = 1e-4  # TorchJD's QuadprogProjector threshold on trace(G)
 MAX_ROWS = 512  # objectives the rows provider differentiates one by one (each ≈ one backward)
@@ -362,14 +369,12 @@ class JacobianDescent:
                 "CastedLinear or CastedEmbedding, so they get no per-sample gradient; use "
                 "method auto, rows or autogram"
             )
-        if spec.gramian == "heads":
-            if aggregator.kind != "gramian":
-                raise ValueError(
-                    f"objective.gramian heads needs a Gramian weighting; aggregator "
-                    f"'{aggregator.name}' needs the full Jacobian (use gramian full)"
-                )
-            if not head_parameters(model):
-                raise ValueError("objective.gramian heads: the model has no lm_head or q_head")
+        problem = partial_jd_problem(spec, aggregator)
+        if problem is not None:
+            raise ValueError(problem)
+        self.heads = head_parameters(model) if spec.gramian == "heads" else []
+        if spec.gramian == "heads" and not self.heads:
+            raise ValueError("objective.gramian heads: the model has no lm_head or q_head")
 
     def method(self, layout: Layout) -> str:
         """The cheapest exact provider for this spec (unless the spec names one).
@@ -427,8 +432,7 @@ class JacobianDescent:
         elif method == "per_sample":
             gram = _per_sample(steps, layout, params, extra_params, grouping)
         elif method == "heads":
-            heads = head_parameters(self.model)
-            gram = _heads(steps, layout, heads, grouping, shared, all_reduce)
+            gram = _heads(steps, layout, self.heads, grouping, shared, all_reduce)
         elif method == "autogram":
             if kind != "gramian":
                 raise ValueError(f"aggregator '{self.aggregator_config.name}' needs method rows")

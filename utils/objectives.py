@@ -193,6 +193,17 @@ class AggregatorConfig(StrictModel):
         return AGGREGATOR_CLASSES[self.name][1]
 
 
+def partial_jd_problem(spec: ObjectiveSpec, aggregator: AggregatorConfig) -> str | None:
+    """Why ``gramian: heads`` cannot run with this aggregator, or None when it can."""
+    if spec.gramian != "heads" or aggregator.kind == "gramian":
+        return None
+    return (
+        f"objective.gramian: heads forms the weights from the heads' Gramian, but aggregator "
+        f"'{aggregator.name}' needs the full Jacobian; use objective.gramian=full or a Gramian "
+        "aggregator (upgrad, mean, mgda, dualproj, ...)"
+    )
+
+
 # Command-line knobs of the research fork, folded into ``objective`` by ``fold_fork_knobs``.
 FORK_KNOBS = (
     "grad_aggregation",

@@ -24,23 +24,21 @@ from omegaconf import DictConfig, OmegaConf
 from evaluators.base import build_evaluators
 from models.recursive_reasoning.common import ModelDims
 from models.registry import build_loss_head
+from training.config import (
+    EvaluateConfig,
+    PretrainConfig,
+    check_world_size,
+    validate_pretrain_config,
+)
+from training.loop import TrainState, create_dataloader, evaluate, evaluation_weights
 from utils.checkpoint import (
     CheckpointMismatchError,
     load_checkpoint_files,
     load_model_weights,
     read_state_dict,
 )
-from utils.config import (
-    ConfigError,
-    EvaluateConfig,
-    PretrainConfig,
-    check_world_size,
-    compose,
-    validate_model,
-    validate_pretrain_config,
-)
+from utils.config import ConfigError, compose, validate_model
 from utils.distributed import DistInfo, cleanup, init_distributed
-from utils.training import TrainState, create_dataloader, evaluate, evaluation_weights
 
 
 def resolve(ecfg: EvaluateConfig) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:

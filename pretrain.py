@@ -5,7 +5,7 @@
         arch.L_layers=2 arch.H_cycles=3 arch.L_cycles=4 +run_name=x ema=True
 
 Hydra composes ``config/cfg_pretrain.yaml``; the result is validated (``utils.config``), rank 0
-fills in the run's names and broadcasts the config, and ``utils.training.run_training`` does
+fills in the run's names and broadcasts the config, and ``training.loop.run_training`` does
 the rest. Input problems end with one ``error:`` line and exit code 2.
 """
 
@@ -19,11 +19,12 @@ from omegaconf import DictConfig
 
 from evaluators.base import build_evaluators
 from models.registry import MODELS
+from training.config import PretrainConfig, load_pretrain_config
+from training.loop import NonFiniteLossError, run_training
 from utils.checkpoint import CheckpointMismatchError
-from utils.config import ConfigError, PretrainConfig, load_pretrain_config
+from utils.config import ConfigError
 from utils.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from utils.logging import build_logger, default_project_name, default_run_name, progress_bar
-from utils.training import NonFiniteLossError, run_training
 
 
 def fill_run_names(config: PretrainConfig) -> PretrainConfig:

@@ -1,4 +1,4 @@
-"""Cost of Jacobian descent per optimizer step: ours (``utils.jd``) and the fork's against GD.
+"""Cost of Jacobian descent per optimizer step: ours (``training.jd``) and the fork's against GD.
 
     python -m benchmarks.jd_overhead                                  # tiny config, CPU
     python -m benchmarks.jd_overhead --skip-fork --rounds 5
@@ -24,7 +24,7 @@ Configurations (S = ``--stack-steps``, k = ``--groups``):
 * ``iwrm_ours`` / ``pixelwise{k}_ours`` / ``stack{S}_ours``: ``JacobianDescent.step`` with UPGrad
   and the automatic provider (per_sample, rows, rows) on ``iwrm_with_q_halt_in``,
   ``pixelwise_q_halt_in`` with k groups and ``stack_supervisions``, driven like
-  ``utils.training._objective_backward``.
+  ``training.loop._objective_backward``.
 * ``iwrm_autogram``: ours on IWRM with TorchJD's autogram engine (the per-sample fallback).
 * ``pixelwise{k}_heads``: ours with ``gramian: heads`` (partial Jacobian descent: the Gramian of
   the output heads' gradients, then one weighted backward).
@@ -154,7 +154,7 @@ class Bench:
 
     def contributions(self, layout: Any) -> Iterator[Tensor]:
         """Per-step contributions [B, m], exactly as ``_objective_backward`` yields them."""
-        from utils import jd
+        from training import jd
 
         for s in range(layout.S):
             out = self.forward()
@@ -168,7 +168,8 @@ def build_bench(args: argparse.Namespace) -> tuple[Bench, Any]:
     """The TRM of the preset (seed 0) and a random batch; returns the bench and arch config."""
     from models.recursive_reasoning.common import ModelDims
     from models.registry import build_loss_head
-    from utils.config import compose, load_pretrain_config
+    from training.config import load_pretrain_config
+    from utils.config import compose
 
     overrides = [
         *PRESETS[args.preset],
@@ -215,8 +216,8 @@ def make_step(
     from torchjd.aggregation import UPGrad
     from torchjd.autojac import backward, jac_to_grad
 
-    from utils import jd
-    from utils.objectives import AggregatorConfig, mode_spec
+    from training import jd
+    from training.objectives import AggregatorConfig, mode_spec
 
     S, k = args.stack_steps, args.groups
     if kind == "gd":

@@ -19,7 +19,8 @@ import torch
 
 from models.recursive_reasoning.common import ModelDims
 from models.registry import build_loss_head, describe_model
-from utils.config import compose, load_pretrain_config
+from training.config import load_pretrain_config
+from utils.config import compose
 from utils.distributed import select_device
 
 PRESETS = {

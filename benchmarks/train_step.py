@@ -6,7 +6,7 @@
 Both loops run in one process on the same model, data and optimizers, alternating in rounds so
 that machine noise hits both. The baseline follows the original ``train_batch`` step by step
 (per-parameter gradient all-reduce, one optimizer call per optimizer, metrics stacked and
-copied to the host every step); ours is ``utils.training.train_batch`` (flat all-reduce,
+copied to the host every step); ours is ``training.loop.train_batch`` (flat all-reduce,
 gradient norm, a non-finite check). On CUDA the model FLOPs utilisation is reported from an
 analytic FLOP count. The last line is one JSON object.
 """
@@ -24,10 +24,11 @@ import torch
 
 from dataset import build_arc_dataset
 from dataset.common import run_cli
-from utils.config import PretrainConfig, compose, load_pretrain_config
+from training.config import PretrainConfig, load_pretrain_config
+from training.loop import TrainState, create_dataloader, create_train_state, train_batch
+from utils.config import compose
 from utils.distributed import DistInfo, select_device
 from utils.optim import cosine_schedule_with_warmup_lr_lambda, set_lr
-from utils.training import TrainState, create_dataloader, create_train_state, train_batch
 
 PRESETS = {"tiny": ["+experiment=tiny_cpu"], "arc": ["+experiment=arc1"]}
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU

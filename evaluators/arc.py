@@ -50,11 +50,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from dataset.common import inverse_aug
-from evaluators.base import EVALUATORS
-from utils.config import ARCEvaluatorConfig
+from evaluators.base import EVALUATOR_CONFIGS, EVALUATORS, EvaluatorConfig
 from utils.distributed import gather_objects
 
 CANVAS = 30  # ARC grids live on a 30×30 canvas of seq_len 900
@@ -172,6 +172,20 @@ def _load_test_puzzles(data_paths: list[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # Evaluator
 # ----------------------------------------------------------------------------------------------
+@EVALUATOR_CONFIGS.register("arc", aliases=["arc@ARC"])
+class ARCEvaluatorConfig(EvaluatorConfig):
+    """ARC voting evaluator options (upstream ``evaluators/arc.py``, class ``ARC``)."""
+
+    name: str = "arc"
+    submission_K: int = Field(2, ge=1, description="attempts per test pair in submission.json")
+    pass_Ks: list[int] = Field(
+        default_factory=lambda: [1, 2, 5, 10, 100, 1000], description="K of the pass@K metrics"
+    )
+    aggregated_voting: bool = Field(
+        True, description="pool the votes of every evaluation of a run (upstream)"
+    )
+
+
 @EVALUATORS.register("arc")
 class ARC:
     """Majority vote over augmented variants, pass@K and ``submission.json`` (spec §7).

@@ -10,10 +10,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from pydantic import Field
 from torch import Tensor
 
-from utils.config import EVALUATOR_CONFIGS, EvaluatorConfig, validate_model
+from utils.config import validate_model
 from utils.registry import Registry
+from utils.schema import StrictModel
+
+
+class EvaluatorConfig(StrictModel):
+    """Base of every evaluator schema; ``name`` is canonical after validation."""
+
+    name: str = Field(description="evaluator (arc)")
+
+
+EVALUATOR_CONFIGS: Registry[type[EvaluatorConfig]] = Registry(
+    "evaluator", modules=["evaluators.arc"]
+)
 
 
 @runtime_checkable

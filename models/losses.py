@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from utils.config import LOSS_HEADS as LOSS_HEAD_ALIASES
+from models.arch_config import LOSS_HEAD_ALIASES
 from utils.registry import Registry
 
 IGNORE_LABEL_ID = -100

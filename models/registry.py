@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from models.arch_config import ARCH_CONFIGS, ArchConfig
 from models.recursive_reasoning.common import ACTModel, ModelDims
-from utils.config import ARCH_CONFIGS, ArchConfig
 from utils.registry import Registry
 
 MODELS: Registry[type[ACTModel]] = Registry(

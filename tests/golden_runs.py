@@ -87,10 +87,11 @@ def build_data(root: Path) -> Path:
 
 def run_case(name: str, data: Path, run_dir: Path) -> list[dict[str, float]]:
     """Train case ``name`` and return its logged training metrics, one dict per step."""
-    from utils.config import compose, load_pretrain_config
+    from training.config import load_pretrain_config
+    from training.loop import run_training
+    from utils.config import compose
     from utils.distributed import DistInfo
     from utils.logging import build_logger
-    from utils.training import run_training
 
     overrides = [*BASE, *CASES[name], f"data_paths=[{data}]", f"+checkpoint_path={run_dir}"]
     config = load_pretrain_config(compose(overrides=overrides))

@@ -22,10 +22,15 @@ import torch.multiprocessing as mp
 
 from dataset import build_arc_dataset
 from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
-from evaluators.arc import ARC, _rank, crop, grid_hash
-from evaluators.base import EVALUATORS, Evaluator, build_evaluators
+from evaluators.arc import ARC, ARCEvaluatorConfig, _rank, crop, grid_hash
+from evaluators.base import (
+    EVALUATOR_CONFIGS,
+    EVALUATORS,
+    Evaluator,
+    EvaluatorConfig,
+    build_evaluators,
+)
 from tests.conftest import EXPLICIT
-from utils.config import EVALUATOR_CONFIGS, ARCEvaluatorConfig, EvaluatorConfig
 
 PASS_KS = [1, 2, 3]
 NUM_VARIANTS = 4  # the original + 3 augmentations

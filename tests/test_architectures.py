@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.arch_config import ARCH_CONFIGS
 from models.losses import ACTLossHead, LossOutput
 from models.recursive_reasoning.common import ModelDims, record_steps
 from models.registry import MODELS, build_loss_head, describe_model
+from training.config import load_pretrain_config
 from utils.checkpoint import CheckpointMismatchError, load_model_weights, read_state_dict
-from utils.config import ARCH_CONFIGS, compose, load_pretrain_config
+from utils.config import compose
 
 GOLDEN = Path(__file__).parent / "golden" / "state_dict_keys.json"
 ARCHS = ARCH_CONFIGS.names()

@@ -7,17 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import (
-    ARCH_CONFIGS,
-    CONFIG_DIR,
-    EVALUATOR_CONFIGS,
-    ConfigError,
+from evaluators.base import EVALUATOR_CONFIGS
+from models.arch_config import ARCH_CONFIGS
+from training.config import (
     PretrainConfig,
     check_world_size,
-    compose,
     load_pretrain_config,
     validate_pretrain_config,
 )
+from utils.config import CONFIG_DIR, ConfigError, compose
 from utils.registry import Registry
 
 ARCH_FILES = sorted(p.stem for p in (CONFIG_DIR / "arch").glob("*.yaml"))

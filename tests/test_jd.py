@@ -11,9 +11,16 @@ import torch
 from models.layers import CastedLinear
 from models.recursive_reasoning.common import ModelDims
 from models.registry import build_loss_head
-from utils import jd
-from utils.config import compose, load_pretrain_config
-from utils.objectives import AGGREGATOR_CLASSES, MODES, AggregatorConfig, ObjectiveSpec, mode_spec
+from training import jd
+from training.config import load_pretrain_config
+from training.objectives import (
+    AGGREGATOR_CLASSES,
+    MODES,
+    AggregatorConfig,
+    ObjectiveSpec,
+    mode_spec,
+)
+from utils.config import compose
 
 B, P, H, S = 8, 900, 3, 4
 # The fork's objective counts at B=8, L=900, H=3, S=4 (jd-reference §1.4).
@@ -435,7 +442,10 @@ def test_fork_knobs_map_to_the_same_spec_as_the_group_names() -> None:
 def test_modes_that_cannot_apply_fail_at_start_up_saying_which_fit() -> None:
     from utils.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"needs the per-H-cycle losses of arch=trmjd; .*: sum"):
+    with pytest.raises(
+        ConfigError,
+        match=r"needs per-H-cycle losses, which arch=trm does not output \(trmjd does\); .*: sum",
+    ):
         load_pretrain_config(compose(overrides=["objective=stack_internal_losses"]))
     with pytest.raises(ConfigError, match="arch=trmjd has no halting head; modes that fit"):
         load_pretrain_config(compose(overrides=["objective=iwrm_with_q_halt_out", "arch=trmjd"]))

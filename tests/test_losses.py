@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from models.arch_config import LOSS_HEAD_ALIASES, LOSS_TYPES
 from models.losses import (
     IGNORE_LABEL_ID,
     LOSS_FUNCTIONS,
@@ -21,8 +22,6 @@ from models.losses import (
     stablemax_cross_entropy,
 )
 from tests.conftest import TEST_DEVICE
-from utils.config import LOSS_HEADS as LOSS_HEAD_ALIASES
-from utils.config import LOSS_TYPES
 
 DEVICE = TEST_DEVICE
 

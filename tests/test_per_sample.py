@@ -7,10 +7,12 @@ import torch
 from torch import Tensor, nn
 
 from models import per_sample
+from models.arch_config import ARCH_CONFIGS
 from models.layers import CastedEmbedding, CastedLinear
 from models.recursive_reasoning.common import ModelDims
 from models.registry import build_loss_head
-from utils.config import ARCH_CONFIGS, compose, load_pretrain_config
+from training.config import load_pretrain_config
+from utils.config import compose
 
 DIMS = ModelDims(batch_size=3, seq_len=10, vocab_size=6, num_puzzle_identifiers=5)
 

@@ -19,18 +19,14 @@ from evaluate import EvaluateConfig
 from evaluate import run as run_evaluate
 from evaluators.base import build_evaluators
 from models import losses
+from models.arch_config import ARCH_CONFIGS
+from training.config import PretrainConfig, load_pretrain_config
+from training.loop import NonFiniteLossError, RunOutcome, run_training
+from training.objectives import MODES
 from utils import checkpoint as ckpt
-from utils.config import (
-    ARCH_CONFIGS,
-    ConfigError,
-    PretrainConfig,
-    compose,
-    load_pretrain_config,
-)
+from utils.config import ConfigError, compose
 from utils.distributed import DistInfo
 from utils.logging import build_logger
-from utils.objectives import MODES
-from utils.training import NonFiniteLossError, RunOutcome, run_training
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [

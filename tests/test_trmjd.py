@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from models.arch_config import ARCH_CONFIGS
 from models.losses import (
     IGNORE_LABEL_ID,
     LOSS_HEADS,
@@ -27,7 +28,7 @@ from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
 from models.recursive_reasoning.trmjd import TinyRecursiveReasoningModelJD_V1, perturb_carry
 from models.registry import MODELS
 from tests.test_losses import FakeCarry, FakeModel
-from utils.config import ARCH_CONFIGS, CONFIG_DIR
+from utils.config import CONFIG_DIR
 
 DIMS = ModelDims(batch_size=4, seq_len=12, vocab_size=7, num_puzzle_identifiers=9)
 P = 2  # prefix positions of the tiny configs

@@ -35,7 +35,7 @@ from models.layers import (
     SwiGLU,
     rms_norm,
 )
-from models.recursive_reasoning.configs import RecursiveArchConfig
+from models.recursive_reasoning.configs import ACTArchConfig
 from models.sparse_embedding import CastedSparseEmbedding
 
 Batch = dict[str, torch.Tensor]
@@ -77,9 +77,9 @@ class ReasoningBlock(nn.Module):
     Dropout (the JD fork's) exists only when ``config.dropout > 0``; upstream has none.
     """
 
-    def __init__(self, config: RecursiveArchConfig, total_seq_len: int) -> None:
+    def __init__(self, config: ACTArchConfig, total_seq_len: int) -> None:
         super().__init__()
-        self.mlp_t_mode = bool(getattr(config, "mlp_t", False))
+        self.mlp_t_mode = config.mlp_t
         self.norm_eps = config.rms_norm_eps
         if self.mlp_t_mode:
             self.mlp_t = SwiGLU(hidden_size=total_seq_len, expansion=config.expansion)
@@ -92,8 +92,7 @@ class ReasoningBlock(nn.Module):
                 causal=False,
             )
         self.mlp = SwiGLU(hidden_size=config.hidden_size, expansion=config.expansion)
-        p = float(getattr(config, "dropout", 0.0))
-        self.dropout = nn.Dropout(p) if p > 0 else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
 
     def forward(self, cos_sin: CosSin | None, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states [B, S, D] → [B, S, D]."""
@@ -189,7 +188,7 @@ class RecursiveInner(nn.Module):
     positions added as ``(x + pos)/√2`` before the scale, as upstream.
     """
 
-    def __init__(self, config: RecursiveArchConfig, dims: ModelDims, puzzle_emb_len: int) -> None:
+    def __init__(self, config: ACTArchConfig, dims: ModelDims, puzzle_emb_len: int) -> None:
         super().__init__()
         self.config = config
         self.dims = dims
@@ -378,7 +377,7 @@ class ACTModel(nn.Module):
 
     inner: RecursiveInner
 
-    def __init__(self, config: RecursiveArchConfig, inner: RecursiveInner) -> None:
+    def __init__(self, config: ACTArchConfig, inner: RecursiveInner) -> None:
         super().__init__()
         self.config = config
         self.inner = inner
@@ -389,7 +388,7 @@ class ACTModel(nn.Module):
 
     @property
     def no_ACT_continue(self) -> bool:
-        return bool(getattr(self.config, "no_ACT_continue", False))
+        return self.config.no_ACT_continue
 
     def computes_target_q(self) -> bool:
         return not self.no_ACT_continue
@@ -448,7 +447,7 @@ class ACTModel(nn.Module):
                 outputs["target_q_continue"] = self._target_q(
                     is_last_step, inner_carry, current_data
                 )
-        elif not self.training and getattr(self.config, "halt_at_eval", False):
+        elif not self.training and self.config.halt_at_eval:
             halted = halted | self._halt_signal(q_halt, q_continue)
         return halted
 

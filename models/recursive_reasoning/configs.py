@@ -1,9 +1,12 @@
 """Config schemas of the recursive-reasoning architectures (``config/arch/*.yaml``).
 
-Keys, meanings and defaults are upstream's (spec §1.2); paper symbols in brackets. Each schema
-is registered under a short name with upstream's ``module@Class`` string as an alias. Keys the
-model gets from the data (``batch_size``, ``seq_len``, ``vocab_size``,
-``num_puzzle_identifiers``) are not part of the YAML and are passed separately.
+Keys, meanings and defaults are upstream's (``config/arch/*.yaml`` and the ``*Config`` classes
+of ``models/recursive_reasoning/*.py`` in SamsungSAILMontreal/TinyRecursiveModels); paper
+symbols (T, n, N_sup) in the descriptions. Every architecture, the transformer baseline
+included, shares ``ACTArchConfig``. Each schema is registered under a short name with
+upstream's ``module@Class`` string as an alias. Keys the model gets from the data
+(``batch_size``, ``seq_len``, ``vocab_size``, ``num_puzzle_identifiers``) are not part of the
+YAML and are passed separately (``ModelDims``).
 """
 
 from __future__ import annotations
@@ -12,36 +15,45 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from utils.config import ARCH_CONFIGS, ArchConfig
+from models.arch_config import ARCH_CONFIGS, ArchConfig
 
 PosEncodings = Literal["rope", "learned", "none"]
 ForwardDtype = Literal["bfloat16", "float32"]
 
 
-class RecursiveArchConfig(ArchConfig):
-    """Keys shared by every architecture of the family."""
+class ACTArchConfig(ArchConfig):
+    """Keys shared by every ACT architecture: sizes, halting, positions and precision."""
 
-    halt_exploration_prob: float = Field(0.1, ge=0, le=1)
+    halt_exploration_prob: float = Field(
+        0.1, ge=0, le=1, description="probability of a random minimum step count in training"
+    )
     halt_max_steps: int = Field(16, ge=1, description="N_sup: maximum supervision (ACT) steps")
     H_cycles: int = Field(3, ge=1, description="T: outer recursions per ACT step")
     L_cycles: int = Field(6, ge=1, description="n: latent updates per outer recursion")
-    H_layers: int = Field(0, ge=0)
-    L_layers: int = Field(2, ge=1)
-    hidden_size: int = Field(512, ge=1)
-    num_heads: int = Field(8, ge=1)
-    expansion: float = Field(4, gt=0)
+    H_layers: int = Field(0, ge=0, description="blocks of the high-level network (HRM)")
+    L_layers: int = Field(2, ge=1, description="blocks of the (low-level) network")
+    hidden_size: int = Field(512, ge=1, description="D: model width")
+    num_heads: int = Field(8, ge=1, description="attention heads")
+    expansion: float = Field(4, gt=0, description="SwiGLU width / hidden_size")
     puzzle_emb_ndim: int = Field(512, ge=0, description="0 disables the puzzle embedding")
-    pos_encodings: PosEncodings = "rope"
-    forward_dtype: ForwardDtype = "bfloat16"
-    mlp_t: bool = False
-    rms_norm_eps: float = Field(1e-5, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
+    pos_encodings: PosEncodings = Field("rope", description="rope | learned | none")
+    forward_dtype: ForwardDtype = Field("bfloat16", description="activation dtype")
+    mlp_t: bool = Field(False, description="mix tokens with an MLP over the sequence axis")
+    rms_norm_eps: float = Field(1e-5, gt=0, description="RMS norm epsilon")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
+    no_ACT_continue: bool = Field(
+        False, description="halt on q_halt > 0 alone, no Q-continue target (TRM: True)"
+    )
     halt_at_eval: bool = Field(
         False, description="new: evaluation stops a sample once its Q head says halt"
     )
     dropout: float = Field(
         0.0, ge=0, lt=1, description="after each block's final norm (the JD fork's; 0 = upstream)"
     )
+
+
+class RecursiveArchConfig(ACTArchConfig):
+    """The recursive architectures: attention heads must split the width evenly."""
 
     @model_validator(mode="after")
     def _check_heads(self) -> RecursiveArchConfig:
@@ -58,7 +70,7 @@ class TRMConfig(RecursiveArchConfig):
     """TinyRecursiveReasoningModel_ACTV1: one shared network f, z ← f(z + y + x), y ← f(y + z)."""
 
     puzzle_emb_len: int = Field(16, ge=0, description="prefix positions; 0 = ceil(ndim/hidden)")
-    no_ACT_continue: bool = True
+    no_ACT_continue: bool = Field(True, description="halt on q_halt > 0 alone (TRM's default)")
 
     @model_validator(mode="after")
     def _check_prefix(self) -> TRMConfig:
@@ -83,6 +95,14 @@ class TRMJDConfig(TRMConfig):
 
     no_act: bool = Field(True, description="no Q head: every sample runs halt_max_steps steps")
     dropout: float = Field(0.1, ge=0, lt=1, description="the fork's default")
+
+    @property
+    def has_halting(self) -> bool:
+        return not self.no_act
+
+    @property
+    def has_cycle_losses(self) -> bool:
+        return True
 
 
 @ARCH_CONFIGS.register(
@@ -111,37 +131,29 @@ class TRMHier6Config(TRMConfig):
 class HRMConfig(RecursiveArchConfig):
     """HRM re-implemented in the TRM code: separate H_level and L_level, one-step gradient."""
 
-    H_cycles: int = Field(2, ge=1)
-    L_cycles: int = Field(2, ge=1)
-    H_layers: int = Field(4, ge=1)
-    L_layers: int = Field(4, ge=1)
+    H_cycles: int = Field(2, ge=1, description="T: high-level updates per ACT step")
+    L_cycles: int = Field(2, ge=1, description="low-level updates per high-level update")
+    H_layers: int = Field(4, ge=1, description="blocks of the high-level network")
+    L_layers: int = Field(4, ge=1, description="blocks of the low-level network")
 
 
 @ARCH_CONFIGS.register(
     "transformers_baseline", aliases=["recursive_reasoning.transformers_baseline@Model_ACTV2"]
 )
-class TransformerBaselineConfig(ArchConfig):
+class TransformerBaselineConfig(ACTArchConfig):
     """Non-recursive baseline: z_H ← H_level(z_H + x) once per ACT step.
 
     ``num_heads`` need not divide ``hidden_size`` here (upstream's 12 heads of 42 on 512).
     """
 
-    halt_exploration_prob: float = Field(0.1, ge=0, le=1)
-    halt_max_steps: int = Field(16, ge=1)
     H_cycles: int = Field(1, ge=1, description="ignored (kept for compatibility)")
     L_cycles: int = Field(1, ge=1, description="ignored (kept for compatibility)")
-    H_layers: int = Field(8, ge=1)
+    H_layers: int = Field(8, ge=1, description="transformer blocks")
     L_layers: int = Field(0, ge=0, description="ignored (kept for compatibility)")
-    hidden_size: int = Field(512, ge=1)
-    num_heads: int = Field(12, ge=1)
-    expansion: float = Field(4, gt=0)
-    puzzle_emb_ndim: int = Field(512, ge=0)
-    pos_encodings: Literal["rope", "learned"] = "rope"
-    forward_dtype: ForwardDtype = "bfloat16"
-    rms_norm_eps: float = Field(1e-5, gt=0)
-    rope_theta: float = Field(10000.0, gt=0)
-    act_enabled: bool = True
-    act_inference: bool = False
+    num_heads: int = Field(12, ge=1, description="attention heads")
+    pos_encodings: Literal["rope", "learned"] = Field("rope", description="rope | learned")
+    act_enabled: bool = Field(True, description="ACT halting in training")
+    act_inference: bool = Field(False, description="ACT halting at evaluation")
     compute_target_q: bool = Field(
         False, description="train q_continue on a bootstrapped target (upstream: never)"
     )

@@ -29,7 +29,7 @@ class Model_ACTV2_Inner(RecursiveInner):
     carry_inits: ClassVar[dict[str, str]] = {"z_H": "H_init"}
 
     def __init__(self, config: TransformerBaselineConfig, dims: ModelDims) -> None:
-        super().__init__(config, dims, puzzle_emb_len=0)  # type: ignore[arg-type]
+        super().__init__(config, dims, puzzle_emb_len=0)
         self.H_level = self.blocks(config.H_layers)
         self._init_buffer("H_init")
         self._init_q_head()
@@ -49,7 +49,7 @@ class Model_ACTV2(ACTModel):
     """The baseline with (optional) ACT."""
 
     def __init__(self, config: TransformerBaselineConfig, dims: ModelDims) -> None:
-        super().__init__(config, Model_ACTV2_Inner(config, dims))  # type: ignore[arg-type]
+        super().__init__(config, Model_ACTV2_Inner(config, dims))
 
     def computes_target_q(self) -> bool:
         return bool(self.config.compute_target_q)

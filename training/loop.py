@@ -29,9 +29,9 @@ from models.losses import REDUCTIONS, LossOutput, sum_row_metrics
 from models.recursive_reasoning.common import ACTCarry, ModelDims, perturb_carry
 from models.registry import build_loss_head, describe_model
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
+from training import jd
+from training.config import PretrainConfig, check_world_size
 from utils import checkpoint as ckpt
-from utils import jd
-from utils.config import PretrainConfig, check_world_size
 from utils.distributed import (
     DistInfo,
     all_reduce_sum_,
@@ -432,7 +432,7 @@ def _objective_backward(
     batch: dict[str, torch.Tensor],
     last_checkpoint: Path | None,
 ) -> tuple[LossOutput, dict[str, float], bool]:
-    """Split the losses into objectives and write the aggregated gradient (``utils.jd``).
+    """Split the losses into objectives and write the aggregated gradient (``training.jd``).
 
     Returns the last supervision step's output, the ``jd/`` metrics and whether ``.grad`` is
     already reduced across ranks. Stacked supervision steps run on the same batch, each

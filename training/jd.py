@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from models import per_sample
-from utils.objectives import (
+from training.objectives import (
     AGGREGATOR_CLASSES,
     AXES,
     AggregatorConfig,

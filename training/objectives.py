@@ -122,12 +122,12 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
-def mode_fits(name: str, arch_name: str, no_halting: bool) -> bool:
-    """Whether the fork's mode ``name`` applies to an architecture."""
+def mode_fits(name: str, *, has_cycle_losses: bool, has_halting: bool) -> bool:
+    """Whether the fork's mode ``name`` applies to an architecture with these capabilities."""
     spec = MODES[name]
-    if spec.get("internal", "none") != "none" and arch_name != "trmjd":
+    if spec.get("internal", "none") != "none" and not has_cycle_losses:
         return False
-    return not (spec.get("halt") in ("out", "separate") and no_halting)
+    return not (spec.get("halt") in ("out", "separate") and not has_halting)
 
 
 def mode_spec(name: str, **overrides: Any) -> ObjectiveSpec:

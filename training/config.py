@@ -1,0 +1,222 @@
+"""The run's configuration: ``config/cfg_pretrain.yaml`` and ``config/cfg_evaluate.yaml``.
+
+Entry points call ``load_pretrain_config(dict_config)`` right after ``@hydra.main``. The
+architecture section is validated by the schema registered under its ``name``
+(``models.arch_config.ARCH_CONFIGS``), each evaluator by its own
+(``evaluators.base.EVALUATOR_CONFIGS``), the objective by ``training.objectives``. Any problem
+raises ``ConfigError`` naming the dotted path, what is wrong and, for unknown keys, the allowed
+ones. Keys, meanings and defaults are upstream's (``config/cfg_pretrain.yaml`` and
+``PretrainConfig`` in the original ``pretrain.py``); keys upstream lacks default to its
+behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, SerializeAsAny, model_validator
+
+from evaluators.base import EVALUATOR_CONFIGS, EvaluatorConfig
+from models.arch_config import ARCH_CONFIGS, ArchConfig
+from training.objectives import (
+    MODES,
+    AggregatorConfig,
+    ObjectiveSpec,
+    fold_fork_knobs,
+    mode_fits,
+    partial_jd_problem,
+)
+from utils.config import validate_model, validate_named
+from utils.schema import ConfigError, StrictModel
+
+
+class PretrainConfig(StrictModel):
+    """``config/cfg_pretrain.yaml``: upstream's keys, meanings and defaults.
+
+    ``project_name``, ``run_name``, ``checkpoint_path``, ``load_checkpoint`` and
+    ``eval_save_outputs`` are absent from the YAML, as upstream, so ``+run_name=...`` works.
+    """
+
+    arch: SerializeAsAny[ArchConfig] = Field(description="architecture (arch=<name>)")
+    data_paths: list[str] = Field(min_length=1, description="training dataset folders")
+    data_paths_test: list[str] = Field(
+        default_factory=list, description="evaluation dataset folders (empty: data_paths)"
+    )
+    evaluators: list[SerializeAsAny[EvaluatorConfig]] = Field(
+        default_factory=list, description="evaluators run at every evaluation"
+    )
+
+    global_batch_size: int = Field(gt=0, description="examples per step over all processes")
+    epochs: int = Field(gt=0, description="passes over the training groups")
+    eval_interval: int | None = Field(
+        None, gt=0, description="epochs between evaluations (None: only at the end)"
+    )
+    checkpoint_every_eval: bool = Field(False, description="save step_N at every evaluation")
+
+    lr: float = Field(ge=0, description="AdamATan2 learning rate of the weights")
+    lr_min_ratio: float = Field(ge=0, le=1, description="cosine floor as a fraction of lr")
+    lr_warmup_steps: int = Field(ge=0, description="linear warm-up steps")
+    beta1: float = Field(ge=0, lt=1, description="AdamATan2 beta1")
+    beta2: float = Field(ge=0, lt=1, description="AdamATan2 beta2")
+    weight_decay: float = Field(ge=0, description="AdamATan2 weight decay")
+    puzzle_emb_weight_decay: float = Field(ge=0, description="sign-SGD weight decay")
+    puzzle_emb_lr: float = Field(ge=0, description="sign-SGD learning rate of puzzle embeddings")
+
+    seed: int = Field(0, description="seeds torch (plus the rank) and the data sampler")
+    min_eval_interval: int | None = Field(
+        0, ge=0, description="iterations to train before the first evaluation"
+    )
+    ema: bool = Field(False, description="evaluate and checkpoint an EMA of the weights")
+    ema_rate: float = Field(0.999, gt=0, lt=1, description="EMA decay")
+    freeze_weights: bool = Field(False, description="train only the puzzle embedding")
+
+    project_name: str | None = Field(None, description="W&B project (default: from data)")
+    run_name: str | None = Field(None, description="W&B run (default: model class + slug)")
+    checkpoint_path: str | None = Field(
+        None, description="run folder (default: checkpoints/<project>/<run>)"
+    )
+    load_checkpoint: str | None = Field(
+        None, description="initial weights: a step_N folder or an upstream state-dict file"
+    )
+    eval_save_outputs: list[str] = Field(
+        default_factory=list, description="per-example tensors saved at evaluation"
+    )
+
+    # New keys (not in upstream), all defaulting to upstream's behaviour.
+    resume: str | None = Field(
+        None, description="'auto' (latest step_N in checkpoint_path) or a step_N folder"
+    )
+    keep_last: int | None = Field(None, ge=1, description="checkpoints kept (None: all)")
+    checkpoint_every_steps: int | None = Field(None, ge=1, description="extra resumable saves")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps")
+    logger: Literal["wandb", "wandb_offline", "none"] = Field(
+        "wandb", description="wandb (online with an account, else offline) | wandb_offline | none"
+    )
+    device: str = Field("auto", description="auto (cuda → mps → cpu), cpu, cuda, cuda:N, mps")
+    compile: bool | Literal["auto"] = Field("auto", description="auto: on CUDA only")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms")
+    detect_anomaly: bool = Field(
+        False, description="torch.autograd anomaly detection (slow; for debugging NaNs)"
+    )
+    grad_clip_norm: float | None = Field(None, gt=0, description="None: no clipping (upstream)")
+    data_workers: int = Field(1, ge=0, le=1, description="DataLoader workers (upstream: 1)")
+    objective: ObjectiveSpec = Field(
+        default_factory=ObjectiveSpec, description="losses → objectives (Jacobian descent)"
+    )
+    aggregator: AggregatorConfig = Field(
+        default_factory=AggregatorConfig, description="TorchJD aggregator of the objectives"
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> PretrainConfig:
+        if self.eval_interval is not None and self.epochs % self.eval_interval != 0:
+            raise ValueError(
+                f"epochs ({self.epochs}) must be a multiple of eval_interval "
+                f"({self.eval_interval}); change one of them"
+            )
+        if self.resume is not None and self.resume != "auto" and self.load_checkpoint:
+            raise ValueError("give either resume=... or load_checkpoint=..., not both")
+        if self.resume == "auto" and self.run_name is None and self.checkpoint_path is None:
+            raise ValueError(
+                "resume=auto needs a fixed run folder: give +run_name=... or +checkpoint_path=... "
+                "(the default run name is random)"
+            )
+        return self
+
+    @property
+    def iterations(self) -> int:
+        """Train/eval cycles: ``epochs // eval_interval`` (one when eval_interval is unset)."""
+        return self.epochs // self.eval_interval if self.eval_interval else 1
+
+    @property
+    def epochs_per_iteration(self) -> int:
+        return self.eval_interval or self.epochs
+
+
+class EvaluateConfig(StrictModel):
+    """``config/cfg_evaluate.yaml``; unset keys come from the checkpoint's own config."""
+
+    checkpoint: str = Field(description="a step_N folder or an upstream state-dict file")
+    arch: dict[str, Any] | None = Field(
+        None, description="arch=<name> replaces the checkpoint's; +arch.<key> adjusts it"
+    )
+    data_paths: list[str] | None = Field(None, description="evaluation data (default: the run's)")
+    global_batch_size: int | None = Field(None, gt=0, description="default: the run's")
+    evaluators: list[dict[str, Any]] | None = Field(None, description="default: the run's")
+    eval_save_outputs: list[str] = Field(
+        default_factory=list, description="per-example tensors written to eval_outputs.pt"
+    )
+    output_dir: str | None = Field(None, description="default: <checkpoint>_eval")
+    use_ema: bool = Field(True, description="evaluate the EMA weights when the checkpoint has them")
+    device: str = Field("auto", description="auto (cuda → mps → cpu), cpu, cuda, cuda:N, mps")
+
+
+def check_world_size(config: PretrainConfig, world_size: int) -> int:
+    """The local batch size; ``ConfigError`` if the global batch does not split evenly."""
+    if config.global_batch_size % world_size != 0:
+        raise ConfigError(
+            f"global_batch_size ({config.global_batch_size}) must be divisible by the number of "
+            f"processes ({world_size}); change global_batch_size or --nproc-per-node"
+        )
+    return config.global_batch_size // world_size
+
+
+def validate_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
+    """Validate plain config data (as composed by Hydra) into a ``PretrainConfig``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+    try:
+        data = fold_fork_knobs(dict(data))
+    except ValueError as e:
+        raise ConfigError(f"grad_aggregation: {e}") from None
+    if "arch" not in data:
+        raise ConfigError("arch: required key is missing; pick one with arch=<name>")
+    data["arch"] = validate_named(ARCH_CONFIGS, data["arch"], "arch")
+    evaluators = data.get("evaluators", [])
+    if not isinstance(evaluators, list):
+        raise ConfigError(f"evaluators: expected a list (got {evaluators!r})")
+    data["evaluators"] = [
+        validate_named(EVALUATOR_CONFIGS, ev, f"evaluators.{i}") for i, ev in enumerate(evaluators)
+    ]
+    config = validate_model(PretrainConfig, data)
+    _check_objective_fits_arch(config)
+    return config
+
+
+def _check_objective_fits_arch(config: PretrainConfig) -> None:
+    """Objectives that need per-cycle losses or a halting head fail early on other models;
+    partial Jacobian descent needs a Gramian weighting; Jacobian descent needs trained
+    weights."""
+    spec, arch = config.objective, config.arch
+    if config.freeze_weights and not spec.is_gradient_descent:
+        raise ConfigError(
+            f"freeze_weights trains only the puzzle embedding, whose rows are not part of the "
+            f"Gramian, so objective '{spec.name}' would weight objectives it cannot tell apart; "
+            "use objective=sum with freeze_weights"
+        )
+    problem = partial_jd_problem(spec, config.aggregator)
+    if problem is not None:
+        raise ConfigError(problem)
+    problem = None
+    if spec.internal != "none" and not arch.has_cycle_losses:
+        problem = f"needs per-H-cycle losses, which arch={arch.name} does not output (trmjd does)"
+    elif spec.halt in ("out", "separate") and not arch.has_halting:
+        problem = f"puts the halting loss in objectives, but arch={arch.name} has no halting head"
+    if problem is None:
+        return
+    caps = {"has_cycle_losses": arch.has_cycle_losses, "has_halting": arch.has_halting}
+    fits = [m for m in MODES if mode_fits(m, **caps)]
+    raise ConfigError(
+        f"objective.name: '{spec.name}' {problem}; modes that fit arch={arch.name}: "
+        f"{', '.join(fits)}"
+    )
+
+
+def load_pretrain_config(cfg: Any) -> PretrainConfig:
+    """Convert a Hydra DictConfig (or a plain dict) and validate it."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+    return validate_pretrain_config(data)

@@ -32,6 +32,9 @@ from pydantic import BaseModel, ConfigDict
 FIELDS = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
 PUZZLE_ID_SEPARATOR = "|||"
 BLANK_IDENTIFIER = "<blank>"
+# Label value the loader writes for ignored and padded positions and the losses skip (upstream's
+# ``models.losses.IGNORE_LABEL_ID``); a dataset's own ``ignore_label_id`` is mapped to it.
+IGNORE_LABEL_ID = -100
 
 # 0: identity, 1-3: rot90 k=1..3, 4: fliplr, 5: flipud, 6: transpose, 7: anti-diagonal reflection.
 DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)

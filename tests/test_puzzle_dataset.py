@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import dataset.puzzle_dataset as pd_module
+import dataset.reader as reader_module
 from dataset.puzzle_dataset import IGNORE_LABEL_ID, PuzzleDataset, PuzzleDatasetConfig
 
 SEQ_LEN = 4
@@ -650,9 +651,9 @@ def test_large_arrays_are_sampled_then_checked_per_batch(
 ) -> None:
     groups = [[1] * 10 for _ in range(20)]
     write_split(tmp_path, "test", groups)
-    monkeypatch.setattr(pd_module, "FULL_TOKEN_CHECK_BYTES", 4 * SEQ_LEN * 2 * 16)
+    monkeypatch.setattr(reader_module, "FULL_TOKEN_CHECK_BYTES", 4 * SEQ_LEN * 2 * 16)
     checked = {
-        r for lo, hi in pd_module._token_check_blocks(200, SEQ_LEN * 2) for r in range(lo, hi)
+        r for lo, hi in reader_module._token_check_blocks(200, SEQ_LEN * 2) for r in range(lo, hi)
     }
     assert 0 < len(checked) < 200
     unchecked = min(set(range(200)) - checked)

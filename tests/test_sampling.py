@@ -1,0 +1,141 @@
+"""Samplers: the registry, the schedule length they report and a sampler plugged in by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
+from dataset.reader import PuzzleReader
+from dataset.sampling import SAMPLERS, BatchRows, Sampler, SetPlan, UniformSampler
+from tests.test_puzzle_dataset import make, one_iteration, upstream_plan, write_split
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    write_split(root, "train")
+    write_split(root, "test")
+    return root
+
+
+def config(path: Path, **changes: object) -> PuzzleDatasetConfig:
+    fields: dict[str, object] = {
+        "seed": 0,
+        "dataset_paths": [str(path)],
+        "global_batch_size": 4,
+        "test_set_mode": False,
+        "epochs_per_iter": 1,
+    }
+    return PuzzleDatasetConfig(**{**fields, **changes})
+
+
+def test_registry_names_and_unknown_sampler_is_one_line(tmp_path: Path) -> None:
+    assert SAMPLERS.names() == ["sequential", "uniform"]
+    # Refused before any file is read: the path does not exist.
+    with pytest.raises(ValueError) as info:
+        PuzzleDataset(config(tmp_path / "missing", sampler="fewshot"))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "unknown sampler 'fewshot'" in message and "sequential, uniform" in message
+
+
+def test_uniform_total_steps_is_upstreams_formula(tmp_path: Path) -> None:
+    write_split(tmp_path / "a", "train")
+    # GROUPS: 6 groups, 11 puzzles, 25 examples.
+    ds = make(tmp_path / "a", 8, epochs=3)
+    assert ds.metadata.total_groups == 6 and ds.metadata.mean_puzzle_examples == 25 / 11
+    for epochs in (1, 7, 100, 20000):
+        assert ds.total_steps(epochs) == int(epochs * 6 * (25 / 11) / 8)
+    assert ds.total_steps(100) == 170  # 15000 / 88 = 170.45...
+
+    # Two paths: groups summed, mean_puzzle_examples weighted by puzzles (5 puzzles, 15 examples).
+    write_split(tmp_path / "b", "train", [[2, 2], [3], [1, 7]], base=500)
+    two = make([tmp_path / "a", tmp_path / "b"], 6)
+    mean = (25 / 11 * 11 + 3.0 * 5) / 16
+    assert two.metadata.mean_puzzle_examples == mean
+    for epochs in (1, 9, 5000):
+        assert two.total_steps(epochs) == int(epochs * 9 * mean / 6)
+
+
+def test_sequential_total_steps_counts_its_windows(data: Path) -> None:
+    ds = make(data, 8, test=True)
+    passes = len(one_iteration(ds))
+    assert passes == 4  # 25 examples in windows of 8
+    assert ds.num_batches(0) == passes and ds.total_steps(3) == 3 * passes
+
+
+def test_sampler_num_batches_matches_what_it_yields(data: Path) -> None:
+    reader = PuzzleReader([str(data)], "train")
+    sampler = UniformSampler(
+        reader.sets, reader.metadata, seed=3, global_batch_size=5, epochs_per_iter=2
+    )
+    ds = make(data, 5, seed=3, epochs=2)
+    for iteration in range(3):
+        expected = len(upstream_plan(3, iteration + 1, 2, 5))
+        assert sampler.num_batches(iteration) == expected == len(one_iteration(ds))
+        assert ds.num_batches(iteration) == expected
+
+
+def test_mode_default_sampler_keeps_the_state_format(data: Path) -> None:
+    for test in (False, True):
+        default = PuzzleDataset(config(data, test_set_mode=test), "test" if test else "train")
+        named = PuzzleDataset(
+            config(data, test_set_mode=test, sampler="sequential" if test else "uniform"),
+            "test" if test else "train",
+        )
+        assert named.state_dict() == default.state_dict()
+        assert "sampler" not in default.state_dict()
+
+
+def test_another_sampler_is_recorded_in_the_state(data: Path) -> None:
+    sequential = PuzzleDataset(config(data, sampler="sequential"))
+    uniform = PuzzleDataset(config(data))
+    # Windows of the train split, the same every iteration: the counter does not move.
+    first = one_iteration(sequential)
+    assert [effective for _, _, effective in first] == [4] * 6 + [1]
+    assert len(one_iteration(sequential)) == len(first)
+    state = sequential.state_dict()
+    assert state["sampler"] == "sequential" and state["iters"] == 0
+    with pytest.raises(ValueError, match="sampler='sequential'"):
+        uniform.load_state_dict(state)
+    with pytest.raises(ValueError, match="sampler='uniform'"):
+        sequential.load_state_dict(uniform.state_dict())
+
+
+class _FirstBatchPlan(SetPlan):
+    def __init__(self, num_examples: int, gbs: int) -> None:
+        self.size = min(num_examples, gbs)
+
+    @property
+    def num_batches(self) -> int:
+        return 1
+
+    def batch(self, index: int) -> BatchRows:
+        rows = np.arange(self.size)[::-1].copy()
+        return BatchRows(rows, np.zeros(self.size, dtype=np.int64), self.size, contiguous=False)
+
+
+class _FirstBatchSampler(Sampler):
+    """The first examples of each set, reversed: a stand-in for a future sampler."""
+
+    counter_step = 0
+
+    def plan(self, set_index: int, counter: int) -> SetPlan:
+        return _FirstBatchPlan(self.sets[set_index].num_examples, self.global_batch_size)
+
+    def total_steps(self, epochs: int) -> int:
+        return epochs * len(self.sets)
+
+
+def test_a_registered_sampler_is_used_by_name(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(SAMPLERS, "_entries", {**SAMPLERS._entries, "first": _FirstBatchSampler})
+    ds = PuzzleDataset(config(data, sampler="first"))
+    assert ds.total_steps(5) == 5
+    ((name, batch, effective),) = one_iteration(ds)
+    assert name == "all" and effective == 4
+    assert batch["inputs"][:, 0].tolist() == [4, 3, 2, 1]
+    assert batch["puzzle_identifiers"].tolist() == [1, 1, 1, 1]
+    assert ds.state_dict()["sampler"] == "first"

@@ -1,4 +1,8 @@
-"""Loss head of the ACT models: per-token cross-entropy and the halting (Q) losses (spec §3).
+"""Loss head of the ACT models: per-token cross-entropy and the halting (Q) losses.
+
+Upstream ``models/losses.py`` (``ACTLossHead``, ``stablemax_cross_entropy``); the no-ACT head,
+the differential loss and the per-cycle losses come from the Jacobian-descent fork
+(mattbuot/TinyRecursiveModelsJD, ``models/losses.py``).
 
 ``ACTLossHead`` wraps a model and runs one supervision step for every slot of the carry. It does
 not reduce: it returns a ``LossOutput`` holding the per-token LM loss, the per-sample halting
@@ -25,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dataset.common import IGNORE_LABEL_ID  # also importable from here, as in upstream
 from models.arch_config import LOSS_HEAD_ALIASES
 from utils.registry import Registry
 
-IGNORE_LABEL_ID = -100
 HALT_LOSS_WEIGHT = 0.5  # upstream: lm_loss + 0.5 · (q_halt_loss + q_continue_loss)
 
 
@@ -214,8 +218,9 @@ def reduce_sum(output: LossOutput) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Loss head
 # ----------------------------------------------------------------------------------------------
-class ACTCarry(Protocol):
-    """What the loss head reads from the model's carry after a step."""
+class CarryView(Protocol):
+    """What the loss head reads from the model's carry after a step (the model's ``ACTCarry``,
+    ``models.recursive_reasoning.common``, satisfies it)."""
 
     halted: Tensor  # bool [B]
     steps: Tensor  # int32 [B]
@@ -323,7 +328,7 @@ class ACTLossHead(nn.Module):
         Keys of ``return_keys`` that the model does not output are skipped (the evaluation loop
         also asks for batch keys).
         """
-        new_carry: ACTCarry
+        new_carry: CarryView
         new_carry, outputs = self.model(carry=carry, batch=batch)
         labels_BS = new_carry.current_data["labels"]
         logits_BSV = outputs["logits"]

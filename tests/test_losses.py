@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import dataset.common
+from models import losses
 from models.arch_config import LOSS_HEAD_ALIASES, LOSS_TYPES
 from models.losses import (
     IGNORE_LABEL_ID,
@@ -148,6 +150,11 @@ def test_default_mask_is_ignore_index(name: str) -> None:
     explicit = loss_fn(logits, labels, valid_mask=labels != IGNORE_LABEL_ID)
     assert default[0, 0].item() == 0.0
     torch.testing.assert_close(default, explicit)
+
+
+def test_ignore_label_is_the_one_the_loader_writes() -> None:
+    """One definition, ``dataset.common``'s, still importable from ``models.losses``."""
+    assert losses.IGNORE_LABEL_ID is dataset.common.IGNORE_LABEL_ID == IGNORE_LABEL_ID == -100
 
 
 @pytest.mark.parametrize("name", LOSS_FUNCTIONS.names())

@@ -1,4 +1,7 @@
-"""Transformer building blocks with upstream's exact math and parameter names (spec §3).
+"""Transformer building blocks with upstream's exact math and parameter names.
+
+Upstream ``models/layers.py`` (``CastedLinear``, ``CastedEmbedding``, ``RotaryEmbedding``,
+``Attention``, ``SwiGLU``, ``rms_norm``).
 
 Weights are float32 masters cast to the activation dtype at every call ("casted" layers), so
 ``forward_dtype=bfloat16`` runs in bf16 while the optimizers update fp32 parameters.
@@ -23,6 +26,7 @@ def _find_multiple(a: int, b: int) -> int:
     return -(a // -b) * b
 
 
+@per_sample.collecting_layer
 class CastedLinear(nn.Module):
     """``y = x Wᵀ + b`` with fp32 ``weight`` [out, in] (truncated LeCun normal, std 1/√in) and
     zero-initialised ``bias`` [out], both cast to the input's dtype."""
@@ -42,6 +46,7 @@ class CastedLinear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
+@per_sample.collecting_layer
 class CastedEmbedding(nn.Module):
     """Lookup in an fp32 ``embedding_weight`` [num, D] (truncated normal, ``init_std``), cast to
     ``cast_to`` before the gather."""

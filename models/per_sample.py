@@ -18,13 +18,26 @@ the context; the backward may run after it, any number of times (each adds into 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 _ACTIVE: list[PerSampleGradients] = []
+# Layer classes whose own parameters route through the collectors (they register themselves, so
+# that this module needs no import of theirs).
+_COLLECTING_LAYERS: list[type[nn.Module]] = []
+
+LayerT = TypeVar("LayerT", bound=type[nn.Module])
+
+
+def collecting_layer(cls: LayerT) -> LayerT:
+    """Class decorator: ``cls``'s own parameters (not its children's) get per-sample gradients,
+    because its forward sends every use of them through ``linear``, ``embedding`` or
+    ``add_broadcast`` when ``active`` returns a collector."""
+    _COLLECTING_LAYERS.append(cls)
+    return cls
 
 
 class PerSampleGradients:
@@ -174,15 +187,11 @@ def add_broadcast(x: Tensor, weight: Tensor, sink: PerSampleGradients) -> Tensor
 
 
 def uncollected_parameters(model: nn.Module) -> Iterator[str]:
-    """Names of trainable parameters that no collecting layer owns (they would get no
-    per-sample gradient; a model with any cannot use ``PerSampleGradients``)."""
-    from models.layers import CastedEmbedding, CastedLinear  # they import this module
-
+    """Names of trainable parameters that no collecting layer (``collecting_layer``) owns: they
+    would get no per-sample gradient, so a model with any cannot use ``PerSampleGradients``."""
+    layers = tuple(_COLLECTING_LAYERS)
     owned = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, CastedLinear | CastedEmbedding)
-        for p in m.parameters(recurse=False)
+        id(p) for m in model.modules() if isinstance(m, layers) for p in m.parameters(recurse=False)
     }
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in owned:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -205,3 +209,17 @@ def test_a_batch_axis_that_is_not_the_samples_is_refused() -> None:
         y = lin(torch.randn(5, 4, requires_grad=True))  # 5 rows, not 2 samples
     with pytest.raises(ValueError, match="expected 2"):
         y.sum().backward()
+
+
+def test_imports_go_from_the_layers_to_the_collectors_only() -> None:
+    """``per_sample`` imports no layer module; the layers register themselves with it."""
+    code = (
+        "import sys; import models.per_sample as ps; "
+        "assert 'models.layers' not in sys.modules, 'per_sample imported the layers'; "
+        "assert ps._COLLECTING_LAYERS == []; "
+        "from models.layers import CastedEmbedding, CastedLinear; "
+        "assert ps._COLLECTING_LAYERS == [CastedLinear, CastedEmbedding]"
+    )
+    root = Path(__file__).parent.parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -11,6 +11,10 @@ Seams for the roadmap:
   puzzle embedding is today's implementation, a demonstration encoder can override it;
 * recording: ``record_steps(model)`` collects every latent update of a forward without
   gradients, for step-by-step tracing.
+
+Each inner model's ``forward`` returns an ``InnerOutput``; ``ACTModel`` turns it into the
+outputs dict the loss head reads (upstream ``models/recursive_reasoning/trm.py``,
+``TinyRecursiveReasoningModel_ACTV1.forward``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,28 @@ from models.sparse_embedding import CastedSparseEmbedding
 
 Batch = dict[str, torch.Tensor]
 InnerCarry = dict[str, torch.Tensor]  # named latents, e.g. {"z_H": [B, S, D], "z_L": [B, S, D]}
+
+
+@dataclass(frozen=True)
+class InnerOutput:
+    """What one supervision step of an inner model returns (upstream returned the tuple
+    ``(carry, logits, (q_halt, q_continue))``).
+
+    Shapes: B batch, P prefix positions, S grid tokens, D hidden, V vocabulary, T ``H_cycles``.
+
+    * ``carry``: the latents after the step, detached: {name: [B, P + S, D]} in the forward
+      dtype (TRM-JD also carries ``output_logits`` [B, S, V]).
+    * ``logits`` [B, S, V] in the forward dtype, prefix dropped, with grad: the step's prediction.
+    * ``q_halt``, ``q_continue`` [B] float32 (constant zeros for a model without a Q head).
+    * ``cycle_logits``: for models scored after every H-cycle (TRM-JD), T + 1 tensors
+      [B, S, V], entry 0 zeros and entry T ``logits`` itself; None for the others.
+    """
+
+    carry: InnerCarry
+    logits: torch.Tensor
+    q_halt: torch.Tensor
+    q_continue: torch.Tensor
+    cycle_logits: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -289,9 +315,12 @@ class RecursiveInner(nn.Module):
         q = self.q_head(z_H[:, 0]).to(torch.float32)
         return q[..., 0], q[..., 1]
 
-    def heads(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logits [B, S, V] (prefix dropped), q_halt [B] and q_continue [B] (float32)."""
-        return self.lm_logits(z_H), *self.q_logits(z_H)
+    def readout(self, carry: InnerCarry, z_H: torch.Tensor) -> InnerOutput:
+        """The step's ``InnerOutput``: ``carry`` (already detached) with the LM logits
+        [B, S, V] (prefix dropped) and the Q logits [B] read from z_H [B, P + S, D]."""
+        logits = self.lm_logits(z_H)
+        q_halt, q_continue = self.q_logits(z_H)
+        return InnerOutput(carry, logits, q_halt, q_continue)
 
     def record(self, name: str, h_cycle: int, l_step: int | None, value: torch.Tensor) -> None:
         if self._recorder is not None:
@@ -322,9 +351,8 @@ class RecursiveInner(nn.Module):
     # Latent name → init buffer name; set by subclasses (e.g. {"z_H": "H_init", "z_L": "L_init"}).
     carry_inits: ClassVar[dict[str, str]] = {}
 
-    def forward(
-        self, carry: InnerCarry, batch: Batch
-    ) -> tuple[InnerCarry, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, carry: InnerCarry, batch: Batch) -> InnerOutput:
+        """One supervision step from ``carry`` on ``batch`` (inputs [B, S])."""
         raise NotImplementedError
 
 
@@ -423,12 +451,11 @@ class ACTModel(nn.Module):
         network: the many parallel slots play the role of environments)."""
         recorder, self.inner._recorder = self.inner._recorder, None
         try:
-            _, _, (next_q_halt, next_q_continue) = self.inner(inner_carry, current_data)
+            following: InnerOutput = self.inner(inner_carry, current_data)
         finally:
             self.inner._recorder = recorder
-        return torch.sigmoid(
-            torch.where(is_last_step, next_q_halt, torch.maximum(next_q_halt, next_q_continue))
-        )
+        q_halt, q_continue = following.q_halt, following.q_continue
+        return torch.sigmoid(torch.where(is_last_step, q_halt, torch.maximum(q_halt, q_continue)))
 
     def update_halting(
         self,
@@ -451,16 +478,20 @@ class ACTModel(nn.Module):
             halted = halted | self._halt_signal(q_halt, q_continue)
         return halted
 
-    def step_outputs(
-        self,
-        inner_carry: InnerCarry,
-        logits: Any,
-        q_halt: torch.Tensor,
-        q_continue: torch.Tensor,
-    ) -> dict[str, Any]:
-        """The outputs of one step from the inner model's results; ``inner_carry`` is the
-        (reset) carry the step started from. Subclasses may add entries."""
-        return {"logits": logits, "q_halt_logits": q_halt, "q_continue_logits": q_continue}
+    def step_outputs(self, inner_carry: InnerCarry, inner_output: InnerOutput) -> dict[str, Any]:
+        """The outputs dict the loss head reads, from the inner model's ``InnerOutput``:
+        ``logits`` [B, S, V], ``q_halt_logits`` and ``q_continue_logits`` [B], and
+        ``cycle_logits`` (T + 1 × [B, S, V]) when the inner model reports them.
+        ``inner_carry`` is the (reset) carry the step started from. Subclasses may add
+        entries."""
+        outputs: dict[str, Any] = {
+            "logits": inner_output.logits,
+            "q_halt_logits": inner_output.q_halt,
+            "q_continue_logits": inner_output.q_continue,
+        }
+        if inner_output.cycle_logits is not None:
+            outputs["cycle_logits"] = inner_output.cycle_logits
+        return outputs
 
     def forward(self, carry: ACTCarry, batch: Batch) -> tuple[ACTCarry, dict[str, Any]]:
         halted = carry.halted
@@ -472,13 +503,13 @@ class ACTModel(nn.Module):
         }
 
         self.inner.start_record_step()
-        new_inner, logits, (q_halt, q_continue) = self.inner(inner_carry, current_data)
-        outputs = self.step_outputs(inner_carry, logits, q_halt, q_continue)
+        inner_output: InnerOutput = self.inner(inner_carry, current_data)
+        outputs = self.step_outputs(inner_carry, inner_output)
 
         with torch.no_grad():
             steps = steps + 1
-            new_halted = self.update_halting(steps, new_inner, current_data, outputs)
-        return ACTCarry(new_inner, steps, new_halted, current_data), outputs
+            new_halted = self.update_halting(steps, inner_output.carry, current_data, outputs)
+        return ACTCarry(inner_output.carry, steps, new_halted, current_data), outputs
 
 
 def perturb_carry(

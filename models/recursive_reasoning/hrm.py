@@ -1,4 +1,6 @@
-"""HRM as re-implemented in the TRM code: separate H and L networks (spec §2.2).
+"""HRM as re-implemented in the TRM code: separate H and L networks.
+
+Upstream ``models/recursive_reasoning/hrm.py``, ``HierarchicalReasoningModel_ACTV1``.
 
 One supervision step runs H_cycles × L_cycles low-level updates z_L ← f_L(z_L + z_H + x) and
 high-level updates z_H ← f_H(z_H + z_L) after each low-level block, all without gradient
@@ -17,6 +19,7 @@ from models.recursive_reasoning.common import (
     ACTModel,
     Batch,
     InnerCarry,
+    InnerOutput,
     ModelDims,
     RecursiveInner,
 )
@@ -35,10 +38,9 @@ class HierarchicalReasoningModel_ACTV1_Inner(RecursiveInner):
         self._init_buffer("L_init")
         self._init_q_head()
 
-    def forward(
-        self, carry: InnerCarry, batch: Batch
-    ) -> tuple[InnerCarry, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """carry {z_H, z_L} [B, P+S, D] → (detached carry, logits [B, S, V], (q_halt, q_cont))."""
+    def forward(self, carry: InnerCarry, batch: Batch) -> InnerOutput:
+        """carry {z_H, z_L} [B, P + S, D] → detached carry, logits [B, S, V], q_halt/q_continue
+        [B] (upstream ``HierarchicalReasoningModel_ACTV1_Inner.forward``)."""
         cos_sin = self.cos_sin()
         x = self.input_embeddings(batch)
         z_H, z_L = carry["z_H"], carry["z_L"]
@@ -57,8 +59,7 @@ class HierarchicalReasoningModel_ACTV1_Inner(RecursiveInner):
         self.record("z_L", H - 1, L - 1, z_L)
         z_H = self.H_level(z_H, z_L, cos_sin=cos_sin)
         self.record("z_H", H - 1, None, z_H)
-        logits, q_halt, q_continue = self.heads(z_H)
-        return {"z_H": z_H.detach(), "z_L": z_L.detach()}, logits, (q_halt, q_continue)
+        return self.readout({"z_H": z_H.detach(), "z_L": z_L.detach()}, z_H)
 
 
 class HierarchicalReasoningModel_ACTV1(ACTModel):

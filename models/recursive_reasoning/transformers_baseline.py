@@ -1,4 +1,6 @@
-"""Non-recursive transformer baseline, Model_ACTV2 (spec §2.5).
+"""Non-recursive transformer baseline, Model_ACTV2.
+
+Upstream ``models/recursive_reasoning/transformers_baseline.py``, ``Model_ACTV2``.
 
 Each supervision step is one pass z_H ← f_H(z_H + x) through ``H_layers`` blocks, with
 gradient. ACT is optional: ``act_enabled`` (training) and ``act_inference`` (evaluation, which
@@ -18,6 +20,7 @@ from models.recursive_reasoning.common import (
     ACTModel,
     Batch,
     InnerCarry,
+    InnerOutput,
     ModelDims,
     RecursiveInner,
 )
@@ -34,15 +37,13 @@ class Model_ACTV2_Inner(RecursiveInner):
         self._init_buffer("H_init")
         self._init_q_head()
 
-    def forward(
-        self, carry: InnerCarry, batch: Batch
-    ) -> tuple[InnerCarry, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """carry {z_H} [B, P+S, D] → (detached carry, logits [B, S, V], (q_halt, q_cont))."""
+    def forward(self, carry: InnerCarry, batch: Batch) -> InnerOutput:
+        """carry {z_H} [B, P + S, D] → detached carry, logits [B, S, V], q_halt/q_continue
+        [B] (upstream ``Model_ACTV2_Inner.forward``)."""
         x = self.input_embeddings(batch)
         z_H = self.H_level(carry["z_H"], x, cos_sin=self.cos_sin())
         self.record("z_H", 0, None, z_H)
-        logits, q_halt, q_continue = self.heads(z_H)
-        return {"z_H": z_H.detach()}, logits, (q_halt, q_continue)
+        return self.readout({"z_H": z_H.detach()}, z_H)
 
 
 class Model_ACTV2(ACTModel):

@@ -1,4 +1,4 @@
-"""TRM: TinyRecursiveReasoningModel_ACTV1 (spec §2.1).
+"""TRM: TinyRecursiveReasoningModel_ACTV1 (upstream ``models/recursive_reasoning/trm.py``).
 
 One shared network f (``L_level``, ``L_layers`` blocks) updates the latent z (``z_L``) and the
 answer y (``z_H``). One supervision step, with x the input embedding:
@@ -20,6 +20,7 @@ from models.recursive_reasoning.common import (
     ACTModel,
     Batch,
     InnerCarry,
+    InnerOutput,
     ModelDims,
     RecursiveInner,
 )
@@ -47,10 +48,9 @@ class TinyRecursiveReasoningModel_ACTV1_Inner(RecursiveInner):
         self.record("z_H", h, None, z_H)
         return z_H, z_L
 
-    def forward(
-        self, carry: InnerCarry, batch: Batch
-    ) -> tuple[InnerCarry, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """carry {z_H, z_L} [B, P+S, D] → (detached carry, logits [B, S, V], (q_halt, q_cont))."""
+    def forward(self, carry: InnerCarry, batch: Batch) -> InnerOutput:
+        """carry {z_H, z_L} [B, P + S, D] → detached carry, logits [B, S, V], q_halt/q_continue
+        [B] (upstream ``TinyRecursiveReasoningModel_ACTV1_Inner.forward``)."""
         cos_sin = self.cos_sin()
         x = self.input_embeddings(batch)
         z_H, z_L = carry["z_H"], carry["z_L"]
@@ -59,8 +59,7 @@ class TinyRecursiveReasoningModel_ACTV1_Inner(RecursiveInner):
                 z_H, z_L = self._cycle(z_H, z_L, x, cos_sin, h)
         # Full backpropagation through the last recursion only.
         z_H, z_L = self._cycle(z_H, z_L, x, cos_sin, self.config.H_cycles - 1)
-        logits, q_halt, q_continue = self.heads(z_H)
-        return {"z_H": z_H.detach(), "z_L": z_L.detach()}, logits, (q_halt, q_continue)
+        return self.readout({"z_H": z_H.detach(), "z_L": z_L.detach()}, z_H)
 
 
 class TinyRecursiveReasoningModel_ACTV1(ACTModel):

@@ -1,4 +1,6 @@
-"""TRM "multi-scale z" ablation (paper Table 2): six latents z_L1..z_L6 (spec §2.4).
+"""TRM "multi-scale z" ablation (paper Table 2): six latents z_L1..z_L6.
+
+Upstream ``models/recursive_reasoning/trm_hier6.py``, ``TinyRecursiveReasoningModel_ACTV1``.
 
 Inner step i (i < L_cycles <= 6) replaces latent i: z_Li ← f(Σ_j z_Lj + y + x), the sum taken
 afresh each step; then y ← f(y + Σ_j z_Lj). T outer cycles, the first T−1 without gradient.
@@ -15,6 +17,7 @@ from models.recursive_reasoning.common import (
     ACTModel,
     Batch,
     InnerCarry,
+    InnerOutput,
     ModelDims,
     RecursiveInner,
 )
@@ -53,10 +56,9 @@ class TinyRecursiveReasoningModel_ACTV1_Inner(RecursiveInner):
         self.record("z_H", h, None, z_H)
         return z_H
 
-    def forward(
-        self, carry: InnerCarry, batch: Batch
-    ) -> tuple[InnerCarry, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """carry {z_H, z_L1..z_L6} [B, P+S, D] → (detached carry, logits, (q_halt, q_cont))."""
+    def forward(self, carry: InnerCarry, batch: Batch) -> InnerOutput:
+        """carry {z_H, z_L1..z_L6} [B, P + S, D] → detached carry, logits [B, S, V],
+        q_halt/q_continue [B]."""
         cos_sin = self.cos_sin()
         x = self.input_embeddings(batch)
         z_H, z_L = carry["z_H"], [carry[name] for name in LATENTS]
@@ -64,12 +66,11 @@ class TinyRecursiveReasoningModel_ACTV1_Inner(RecursiveInner):
             for h in range(self.config.H_cycles - 1):
                 z_H = self._cycle(z_H, z_L, x, cos_sin, h)
         z_H = self._cycle(z_H, z_L, x, cos_sin, self.config.H_cycles - 1)
-        logits, q_halt, q_continue = self.heads(z_H)
         new_carry = {
             "z_H": z_H.detach(),
             **{n: z.detach() for n, z in zip(LATENTS, z_L, strict=True)},
         }
-        return new_carry, logits, (q_halt, q_continue)
+        return self.readout(new_carry, z_H)
 
 
 class TinyRecursiveReasoningModel_ACTV1(ACTModel):

@@ -1,4 +1,6 @@
-"""TRM "single z" ablation (paper Table 2): only one latent z is carried (spec §2.3).
+"""TRM "single z" ablation (paper Table 2): only one latent z is carried.
+
+Upstream ``models/recursive_reasoning/trm_singlez.py``, ``TinyRecursiveReasoningModel_ACTV1``.
 
 One supervision step: T times (n times z ← f(z + x); then z ← f(z)), the first T−1 without
 gradient. Logits and the Q head read z.
@@ -15,6 +17,7 @@ from models.recursive_reasoning.common import (
     ACTModel,
     Batch,
     InnerCarry,
+    InnerOutput,
     ModelDims,
     RecursiveInner,
 )
@@ -41,10 +44,9 @@ class TinyRecursiveReasoningModel_ACTV1_Inner(RecursiveInner):
         self.record("z_L", h, None, z)
         return z
 
-    def forward(
-        self, carry: InnerCarry, batch: Batch
-    ) -> tuple[InnerCarry, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """carry {z_L} [B, P+S, D] → (detached carry, logits [B, S, V], (q_halt, q_cont))."""
+    def forward(self, carry: InnerCarry, batch: Batch) -> InnerOutput:
+        """carry {z_L} [B, P + S, D] → detached carry, logits [B, S, V], q_halt/q_continue
+        [B]."""
         cos_sin = self.cos_sin()
         x = self.input_embeddings(batch)
         z = carry["z_L"]
@@ -52,8 +54,7 @@ class TinyRecursiveReasoningModel_ACTV1_Inner(RecursiveInner):
             for h in range(self.config.H_cycles - 1):
                 z = self._cycle(z, x, cos_sin, h)
         z = self._cycle(z, x, cos_sin, self.config.H_cycles - 1)
-        logits, q_halt, q_continue = self.heads(z)
-        return {"z_L": z.detach()}, logits, (q_halt, q_continue)
+        return self.readout({"z_L": z.detach()}, z)
 
 
 class TinyRecursiveReasoningModel_ACTV1(ACTModel):

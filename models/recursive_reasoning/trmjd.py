@@ -1,4 +1,6 @@
-"""TRM-JD: TinyRecursiveReasoningModelJD_V1, the Jacobian-descent fork's TRM (jd-reference §1.2).
+"""TRM-JD: TinyRecursiveReasoningModelJD_V1, the Jacobian-descent fork's TRM.
+
+The fork is mattbuot/TinyRecursiveModelsJD, ``models/recursive_reasoning/trmjd.py``.
 
 The recursion is TRM's (``trm.py``): T = ``H_cycles`` outer cycles of n = ``L_cycles`` updates
 ``z ← f(z + y + x)`` followed by ``y ← f(y + z)``. What differs:
@@ -28,6 +30,7 @@ from models.recursive_reasoning.common import (
     ACTModel,
     Batch,
     InnerCarry,
+    InnerOutput,
     ModelDims,
     perturb_carry,
 )
@@ -69,14 +72,12 @@ class TinyRecursiveReasoningModelJD_V1_Inner(TinyRecursiveReasoningModel_ACTV1_I
         )
         return new
 
-    def forward(  # type: ignore[override]
-        self, carry: InnerCarry, batch: Batch
-    ) -> tuple[InnerCarry, list[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """carry → (detached carry, cycle logits, (q_halt [B], q_continue [B])).
+    def forward(self, carry: InnerCarry, batch: Batch) -> InnerOutput:
+        """carry → detached carry, logits, cycle logits, q_halt and q_continue [B].
 
         Cycle logits: a list of ``H_cycles + 1`` tensors [B, S, V]; entry 0 is zeros and entry
-        i the logits of y after cycle i (the last one is the step's prediction). Entry i
-        back-propagates into cycle i only (and into the input embedding).
+        i the logits of y after cycle i; the last one is the step's prediction, ``logits``
+        itself. Entry i back-propagates into cycle i only (and into the input embedding).
         """
         cos_sin = self.cos_sin()
         x = self.input_embeddings(batch)
@@ -94,7 +95,7 @@ class TinyRecursiveReasoningModelJD_V1_Inner(TinyRecursiveReasoningModel_ACTV1_I
             "z_L": z_L.detach(),
             "output_logits": cycle_logits[-1].detach(),
         }
-        return new_carry, cycle_logits, (q_halt, q_continue)
+        return InnerOutput(new_carry, cycle_logits[-1], q_halt, q_continue, cycle_logits)
 
 
 class TinyRecursiveReasoningModelJD_V1(ACTModel):
@@ -124,15 +125,8 @@ class TinyRecursiveReasoningModelJD_V1(ACTModel):
             return steps >= self.config.halt_max_steps
         return super().update_halting(steps, inner_carry, current_data, outputs)
 
-    def step_outputs(
-        self,
-        inner_carry: InnerCarry,
-        logits: Any,
-        q_halt: torch.Tensor,
-        q_continue: torch.Tensor,
-    ) -> dict[str, Any]:
-        outputs = super().step_outputs(inner_carry, logits[-1], q_halt, q_continue)
-        outputs["cycle_logits"] = logits
+    def step_outputs(self, inner_carry: InnerCarry, inner_output: InnerOutput) -> dict[str, Any]:
+        outputs = super().step_outputs(inner_carry, inner_output)
         outputs["previous_logits"] = inner_carry["output_logits"].detach()
         return outputs
 

@@ -1,4 +1,7 @@
-"""TRM-JD (``arch=trmjd``), its loss heads and the family's dropout (jd-reference §1.1–1.3).
+"""TRM-JD (``arch=trmjd``), its loss heads and the family's dropout.
+
+The behaviour checked is the Jacobian-descent fork's (mattbuot/TinyRecursiveModelsJD:
+``models/recursive_reasoning/trm.py`` and ``trmjd.py``, ``models/losses.py``).
 
 Models are built from their config classes and heads constructed directly, so these tests do not
 depend on the YAML loss section.
@@ -27,6 +30,7 @@ from models.recursive_reasoning.configs import TRMConfig, TRMJDConfig
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
 from models.recursive_reasoning.trmjd import TinyRecursiveReasoningModelJD_V1, perturb_carry
 from models.registry import MODELS
+from tests.reference_models import trm_recursion_by_hand
 from tests.test_losses import FakeCarry, FakeModel
 from utils.config import CONFIG_DIR
 
@@ -117,22 +121,8 @@ def test_cycle_logits_match_a_hand_written_loop() -> None:
     _, out = m(m.initial_carry(b), b)
     inner = m.inner
     with torch.no_grad():
-        x = inner.input_embeddings(b)
-        z_H = inner.H_init.expand_as(x).clone()
-        z_L = inner.L_init.expand_as(x).clone()
-        cs = inner.rotary_emb()
-
-        def f(h: Tensor) -> Tensor:
-            for layer in inner.L_level.layers:
-                h = layer(cos_sin=cs, hidden_states=h)
-            return h
-
-        expected = []
-        for _ in range(cfg.H_cycles):
-            for _ in range(cfg.L_cycles):
-                z_L = f(z_L + z_H + x)
-            z_H = f(z_H + z_L)
-            expected.append(inner.lm_head(z_H)[:, P:])
+        expected = [inner.lm_head(z_H)[:, P:] for z_H in trm_recursion_by_hand(inner, b)]
+    assert len(expected) == cfg.H_cycles
     for got, want in zip(out["cycle_logits"][1:], expected, strict=True):
         torch.testing.assert_close(got, want)
 

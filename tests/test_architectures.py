@@ -7,6 +7,7 @@ paper's ARC config. Regenerate deliberately with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_recording_sees_every_latent_update(arch: str) -> None:
     head = tiny_head(arch)
     cfg = head.model.config
     b = tiny_batch()
-    with record_steps(head) as rec:
+    with record_steps(head, latents=True) as rec:
         out = head(carry=head.initial_carry(b), batch=b)
         head(carry=out.new_carry, batch=b)
     assert len(rec.act_steps) == 2
@@ -100,6 +101,78 @@ def test_recording_sees_every_latent_update(arch: str) -> None:
     # The recorded final latent is the one carried to the next step.
     carried = out.new_carry.inner_carry["z_H" if arch != "trm_singlez" else "z_L"]
     torch.testing.assert_close(last.value, carried)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recording_keeps_the_rows_asked_for_and_decodes_them_with_the_lm_head(arch: str) -> None:
+    head = tiny_head(arch)
+    head.eval()
+    inner = head.model.inner
+    b = tiny_batch()
+    rows = torch.tensor([2, 0])
+    with record_steps(head, rows=rows) as decoded:  # the defaults: decode, no latents
+        head(carry=head.initial_carry(b), batch=b)
+    with record_steps(head, latents=True, decode=False) as kept:
+        head(carry=head.initial_carry(b), batch=b)
+    assert len(decoded.act_steps[0]) == len(kept.act_steps[0]) > 0
+    B, S, D = TINY_DIMS.batch_size, TINY_DIMS.seq_len, inner.config.hidden_size
+    for d, k in zip(decoded.act_steps[0], kept.act_steps[0], strict=True):
+        assert (d.name, d.h_cycle, d.l_step) == (k.name, k.h_cycle, k.l_step)
+        assert d.value is None and k.preds is None
+        assert k.value is not None and k.value.shape == (B, inner.total_seq_len, D)
+        assert d.preds is not None and d.preds.shape == (len(rows), S)
+        assert d.preds.dtype == torch.int64 and not d.preds.requires_grad
+        with torch.no_grad():
+            expected = inner.lm_logits(k.value[rows]).argmax(-1)
+        assert torch.equal(d.preds, expected)
+    with record_steps(head, rows=rows, latents=True) as both:
+        head(carry=head.initial_carry(b), batch=b)
+    for r, k in zip(both.act_steps[0], kept.act_steps[0], strict=True):
+        assert r.value is not None and r.value.shape == (len(rows), inner.total_seq_len, D)
+        assert torch.equal(r.value, k.value[rows])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recording_changes_neither_outputs_nor_gradients(arch: str) -> None:
+    """Two training steps (dropout, exploration, the bootstrapped target) with and without a
+    recorder that keeps and decodes latents: bit-identical losses, outputs, carry and grads."""
+
+    def run(record: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        head = tiny_head(arch)
+        head.train()
+        b = tiny_batch()
+        torch.manual_seed(5)
+        values: list[torch.Tensor] = []
+        with contextlib.ExitStack() as stack:
+            if record:
+                stack.enter_context(record_steps(head, rows=torch.tensor([1]), latents=True))
+            carry = head.initial_carry(b)
+            for _ in range(2):
+                out = head(carry=carry, batch=b, return_keys=["logits", "q_halt_logits"])
+                out.total().backward()
+                carry = out.new_carry
+                values += [out.token_loss, out.q_halt_loss, *out.outputs.values()]
+                values += [*carry.inner_carry.values(), carry.steps, carry.halted]
+                if out.q_continue_loss is not None:
+                    values.append(out.q_continue_loss)
+        grads = {n: p.grad for n, p in head.named_parameters() if p.grad is not None}
+        return values, grads
+
+    plain, plain_grads = run(record=False)
+    recorded, recorded_grads = run(record=True)
+    assert len(plain) == len(recorded)
+    for a, c in zip(plain, recorded, strict=True):
+        assert torch.equal(a.detach(), c.detach())
+    assert plain_grads.keys() == recorded_grads.keys() and plain_grads
+    for name, g in plain_grads.items():
+        assert torch.equal(g, recorded_grads[name]), name
+
+
+def test_recording_refuses_rows_that_are_not_indices() -> None:
+    head = tiny_head("trm")
+    for rows in (torch.tensor([True, False, True]), torch.tensor([[0]]), torch.tensor([0.0])):
+        with pytest.raises(ValueError, match="1-D integer index tensor"), record_steps(head, rows):
+            pass
 
 
 def test_hrm_takes_a_one_step_gradient() -> None:

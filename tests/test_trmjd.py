@@ -228,11 +228,13 @@ def test_recording_sees_every_latent_update_and_the_carried_one_last() -> None:
     cfg = tiny()
     m = model_for(cfg)
     b = batch()
-    with record_steps(m) as rec:
+    with record_steps(m, latents=True) as rec:
         carry, _ = m(m.initial_carry(b), b)
     assert len(rec.act_steps) == 1
     assert len(rec.act_steps[0]) == cfg.H_cycles * (cfg.L_cycles + 1)
     torch.testing.assert_close(rec.act_steps[0][-1].value, carry.inner_carry["z_H"])
+    # The last record's prediction is the step's own (the final cycle's logits).
+    assert torch.equal(rec.act_steps[0][-1].preds, carry.inner_carry["output_logits"].argmax(-1))
 
 
 def test_bfloat16_forward() -> None:

@@ -9,8 +9,9 @@ its checkpoints load: ``inner.embed_tokens``, ``inner.lm_head``, ``inner.q_head`
 Seams for the roadmap:
 * conditioning: ``RecursiveInner.condition(batch)`` produces the prefix tokens [B, P, D]; the
   puzzle embedding is today's implementation, a demonstration encoder can override it;
-* recording: ``record_steps(model)`` collects every latent update of a forward without
-  gradients, for step-by-step tracing.
+* recording: ``record_steps(model, rows=..., latents=..., decode=...)`` collects every latent
+  update of a forward without gradients, for step-by-step tracing: by default only what the LM
+  head predicts from each latent, for the rows asked for.
 
 Each inner model's ``forward`` returns an ``InnerOutput``; ``ACTModel`` turns it into the
 outputs dict the loss head reads (upstream ``models/recursive_reasoning/trm.py``,
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -155,45 +156,97 @@ class ReasoningModule(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Recording (tracing seam)
 # ----------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class StepRecord:
-    """One latent update: which latent, its outer (H) cycle, inner (L) step, and the value."""
+    """One latent update, R the recorded rows (all B unless ``record_steps`` got ``rows``).
+
+    * ``name``: the latent updated (``"z_H"``, ``"z_L"``, ``"z_L3"``...);
+    * ``h_cycle``: its outer (H) cycle; ``l_step``: its inner (L) step, None for an H update;
+    * ``value``: the new latent [R, P + S, D], detached, in the forward dtype (only with
+      ``latents=True``, else None);
+    * ``preds``: ``argmax(lm_logits(latent))`` int64 [R, S], what the LM head would predict from
+      this latent, prefix dropped (only with ``decode=True``, else None).
+    """
 
     name: str
     h_cycle: int
     l_step: int | None
-    value: torch.Tensor  # [B, S, D], detached
+    value: torch.Tensor | None
+    preds: torch.Tensor | None
+
+
+Decoder = Callable[[torch.Tensor], torch.Tensor]  # latent [R, P + S, D] → logits [R, S, V]
 
 
 @dataclass
 class StepRecorder:
-    """Collects every latent update of the forwards run inside ``record_steps``.
+    """Collects the latent updates of the forwards run inside ``record_steps``.
 
     ``act_steps[k]`` lists the updates of the k-th supervision step, in execution order.
+    ``rows`` (int64 [R] or None for every row), ``latents`` and ``decode`` say what each
+    ``StepRecord`` keeps.
     """
 
+    rows: torch.Tensor | None = None
+    latents: bool = False
+    decode: bool = True
     act_steps: list[list[StepRecord]] = field(default_factory=list)
 
     def start_step(self) -> None:
         self.act_steps.append([])
 
-    def add(self, name: str, h_cycle: int, l_step: int | None, value: torch.Tensor) -> None:
+    def add(
+        self,
+        name: str,
+        h_cycle: int,
+        l_step: int | None,
+        latent: torch.Tensor,
+        decoder: Decoder,
+    ) -> None:
+        """Record ``latent`` [B, P + S, D]; ``decoder`` maps latents to logits [R, S, V]."""
         if not self.act_steps:
             self.start_step()
-        self.act_steps[-1].append(StepRecord(name, h_cycle, l_step, value.detach().clone()))
+        with torch.no_grad():
+            z = latent.detach()
+            if self.rows is not None:
+                z = z.index_select(0, self.rows.to(z.device))  # a copy of the rows
+            elif self.latents:
+                z = z.clone()
+            value = z if self.latents else None
+            preds = decoder(z).argmax(-1) if self.decode else None
+        self.act_steps[-1].append(StepRecord(name, h_cycle, l_step, value, preds))
 
 
 @contextlib.contextmanager
-def record_steps(model: nn.Module) -> Iterator[StepRecorder]:
-    """Record the latents of every forward of ``model`` (any module holding a RecursiveInner).
+def record_steps(
+    model: nn.Module,
+    rows: torch.Tensor | None = None,
+    latents: bool = False,
+    decode: bool = True,
+) -> Iterator[StepRecorder]:
+    """Record every latent update of every forward of ``model`` (any module holding a
+    ``RecursiveInner``), for the batch rows ``rows`` (a 1-D integer index tensor [R]; None
+    records all B).
 
-    Recording copies tensors and adds no graph; the model computes exactly what it would
-    without the recorder.
+    ``latents=True`` keeps each latent [R, P + S, D]; ``decode=True`` (the default) keeps the LM
+    head's prediction from it, int64 [R, S] over the grid tokens, decoded by the inner model's
+    own ``lm_logits``. So by default no [B, P + S, D] latent outlives its step. Recording runs
+    under ``torch.no_grad()`` and consumes no random numbers: the model computes exactly what it
+    would without the recorder, outputs and gradients alike.
     """
+    if rows is not None and (
+        rows.ndim != 1 or rows.dtype == torch.bool or rows.is_floating_point() or rows.is_complex()
+    ):
+        raise ValueError(
+            f"rows must be a 1-D integer index tensor, got {rows.dtype} of shape "
+            f"{tuple(rows.shape)}"
+        )
     inners = [m for m in model.modules() if isinstance(m, RecursiveInner)]
     if not inners:
         raise ValueError(f"{type(model).__name__} has no recursive inner model to record")
-    recorder = StepRecorder()
+    recorder = StepRecorder(
+        rows=None if rows is None else rows.to(torch.long), latents=latents, decode=decode
+    )
     for inner in inners:
         inner._recorder = recorder
     try:
@@ -323,8 +376,9 @@ class RecursiveInner(nn.Module):
         return InnerOutput(carry, logits, q_halt, q_continue)
 
     def record(self, name: str, h_cycle: int, l_step: int | None, value: torch.Tensor) -> None:
+        """Hand the latent ``value`` [B, P + S, D] to the active recorder, if any."""
         if self._recorder is not None:
-            self._recorder.add(name, h_cycle, l_step, value)
+            self._recorder.add(name, h_cycle, l_step, value, self.lm_logits)
 
     def start_record_step(self) -> None:
         if self._recorder is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,7 +24,8 @@ from training.objectives import (
 from utils.config import compose
 
 B, P, H, S = 8, 900, 3, 4
-# The fork's objective counts at B=8, L=900, H=3, S=4 (jd-reference §1.4).
+# The fork's objective counts at B=8, L=900, H=3, S=4 (mattbuot/TinyRecursiveModelsJD,
+# ``utils/torchjd_utils.py``: the length of the objective vector of each aggregation strategy).
 FORK_M = {
     "sum": 1, "lm_loss_vs_q_halt_loss": 2, "iwrm_with_q_halt_in": B, "iwrm_with_q_halt_out": 2 * B,
     "pixelwise_q_halt_in": P, "pixelwise_q_halt_out": P + B, "iwrm_pixelwise_q_halt_in": B * P,
@@ -78,27 +80,24 @@ def test_objectives_of_every_mode_sum_to_the_loss_and_match_the_forks_count(mode
     assert float(c.sum()) == pytest.approx(expected, rel=1e-12)
 
 
-def test_halting_placement_by_hand() -> None:
-    tok, halt, _ = atoms(3, 4, seed=0)
-    lay = layout_for(mode_spec("iwrm_with_q_halt_in"), 3, 4)
-    obj = jd.step_contributions(lay, 0, tok, halt, None).sum(0)
-    torch.testing.assert_close(obj, tok.sum(1) + halt)
-    lay = layout_for(mode_spec("iwrm_with_q_halt_out"), 3, 4)
-    obj = jd.step_contributions(lay, 0, tok, halt, None).sum(0)
-    torch.testing.assert_close(obj, torch.cat([tok.sum(1), halt]))
-    lay = layout_for(mode_spec("lm_loss_vs_q_halt_loss"), 3, 4)
-    obj = jd.step_contributions(lay, 0, tok, halt, None).sum(0)
-    torch.testing.assert_close(obj, torch.stack([tok.sum(), halt.sum()]))
-    lay = layout_for(mode_spec("pixelwise_q_halt_in"), 3, 4)
-    obj = jd.step_contributions(lay, 0, tok, halt, None).sum(0)
-    torch.testing.assert_close(obj, tok.sum(0) + halt.sum() / 4)
-    lay = layout_for(mode_spec("pixelwise_q_halt_out"), 3, 4)
-    obj = jd.step_contributions(lay, 0, tok, halt, None).sum(0)
-    torch.testing.assert_close(obj, torch.cat([tok.sum(0), halt]))
+# Mode → the objective vector by hand, from a step's token losses [3, 4] and halting losses [3].
+HALT_PLACEMENT: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "iwrm_with_q_halt_in": lambda tok, halt: tok.sum(1) + halt,
+    "iwrm_with_q_halt_out": lambda tok, halt: torch.cat([tok.sum(1), halt]),
+    "lm_loss_vs_q_halt_loss": lambda tok, halt: torch.stack([tok.sum(), halt.sum()]),
+    "pixelwise_q_halt_in": lambda tok, halt: tok.sum(0) + halt.sum() / 4,
+    "pixelwise_q_halt_out": lambda tok, halt: torch.cat([tok.sum(0), halt]),
     # iwrm × pixel with the halting loss in: sample b's halting loss spread over its 4 pixels.
-    lay = layout_for(mode_spec("iwrm_pixelwise_q_halt_in"), 3, 4)
+    "iwrm_pixelwise_q_halt_in": lambda tok, halt: (tok + halt[:, None] / 4).reshape(-1),
+}
+
+
+@pytest.mark.parametrize("mode", list(HALT_PLACEMENT))
+def test_halting_placement_by_hand(mode: str) -> None:
+    tok, halt, _ = atoms(3, 4, seed=0)
+    lay = layout_for(mode_spec(mode), 3, 4)
     obj = jd.step_contributions(lay, 0, tok, halt, None).sum(0)
-    torch.testing.assert_close(obj, (tok + halt[:, None] / 4).reshape(-1))
+    torch.testing.assert_close(obj, HALT_PLACEMENT[mode](tok, halt))
 
 
 def test_stacked_and_internal_layouts_by_hand() -> None:

@@ -6,7 +6,8 @@
 
 Prints the metrics (last line: one JSON object), writes ``submission.json`` for ARC and, with
 ``eval_save_outputs``, ``eval_outputs.pt`` (the requested per-example tensors in test-split
-order) into ``output_dir``. Works as plain ``python`` or under ``torchrun``.
+order) into ``output_dir``. Works as plain ``python`` or under ``torchrun``. Input problems end
+with one ``error:`` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -22,23 +23,20 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from evaluators.base import build_evaluators
-from models.recursive_reasoning.common import ModelDims
-from models.registry import build_loss_head
+from training.checkpointing import evaluation_weights
 from training.config import (
     EvaluateConfig,
     PretrainConfig,
     check_world_size,
     validate_pretrain_config,
 )
-from training.loop import TrainState, create_dataloader, evaluate, evaluation_weights
-from utils.checkpoint import (
-    CheckpointMismatchError,
-    load_checkpoint_files,
-    load_model_weights,
-    read_state_dict,
-)
+from training.data import create_dataloader
+from training.evaluation import evaluate
+from training.state import TrainState, build_model
+from utils.checkpoint import load_checkpoint_files, load_model_weights, read_state_dict
 from utils.config import ConfigError, compose, validate_model
 from utils.distributed import DistInfo, cleanup, init_distributed
+from utils.schema import UserError
 
 
 def resolve(ecfg: EvaluateConfig) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
@@ -86,17 +84,9 @@ def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
     config, weights = resolve(ecfg)
     check_world_size(config, dist_info.world_size)
     loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True)
-    meta = data.metadata
-    dims = ModelDims(
-        batch_size=config.global_batch_size // dist_info.world_size,
-        seq_len=meta.seq_len,
-        vocab_size=meta.vocab_size,
-        num_puzzle_identifiers=meta.num_puzzle_identifiers,
-    )
-    with torch.device(dist_info.device):
-        head = build_loss_head(config.arch, dims)
+    head, family = build_model(config, data, dist_info)
     load_model_weights(head, weights, resize_puzzle_emb=False, source=ecfg.checkpoint)
-    state = TrainState(model=head, optimizers=[], base_lrs=[], total_steps=0)
+    state = TrainState(head, family, family.capabilities(config.arch, head))
     evaluators = build_evaluators(
         config.evaluators, data.config.dataset_paths, data.identifier_offsets
     )
@@ -117,7 +107,7 @@ def main(cfg: DictConfig) -> None:
             metrics = run(ecfg, dist_info)
         finally:
             cleanup()
-    except (ConfigError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if dist_info.is_main:

@@ -4,9 +4,11 @@
     torchrun --nproc-per-node 4 pretrain.py arch=trm data_paths="[data/arc1concept-aug-1000]" \\
         arch.L_layers=2 arch.H_cycles=3 arch.L_cycles=4 +run_name=x ema=True
 
-Hydra composes ``config/cfg_pretrain.yaml``; the result is validated (``utils.config``), rank 0
-fills in the run's names and broadcasts the config, and ``training.loop.run_training`` does
-the rest. Input problems end with one ``error:`` line and exit code 2.
+Hydra composes ``config/cfg_pretrain.yaml``; the result is validated (``training.config``),
+rank 0 fills in the run's names and broadcasts the config, and
+``training.loop.run_training`` does the rest. Input problems (``utils.schema.UserError``,
+missing files) end with one ``error:`` line and exit code 2; anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -17,14 +19,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from evaluators.base import build_evaluators
 from models.registry import MODELS
 from training.config import PretrainConfig, load_pretrain_config
-from training.loop import NonFiniteLossError, run_training
-from utils.checkpoint import CheckpointMismatchError
-from utils.config import ConfigError
+from training.loop import default_evaluators, run_training
 from utils.distributed import DistInfo, broadcast_object, cleanup, init_distributed
-from utils.logging import build_logger, default_project_name, default_run_name, progress_bar
+from utils.logging import StepProgress, build_logger, default_project_name, default_run_name
+from utils.schema import UserError
 
 
 def fill_run_names(config: PretrainConfig) -> PretrainConfig:
@@ -47,16 +47,13 @@ def launch(config: PretrainConfig, dist_info: DistInfo) -> None:
         run_dir=config.checkpoint_path,
         is_main=dist_info.is_main,
     )
-    progress = _Progress(dist_info.is_main)
     try:
         outcome = run_training(
             config,
             dist_info,
             logger=logger,
-            progress=progress,
-            evaluators_factory=lambda data: build_evaluators(
-                config.evaluators, data.config.dataset_paths, data.identifier_offsets
-            ),
+            progress=StepProgress(dist_info.is_main),
+            evaluators_factory=default_evaluators(config),
         )
     finally:
         logger.finish()
@@ -65,25 +62,6 @@ def launch(config: PretrainConfig, dist_info: DistInfo) -> None:
               f"metrics {Path(config.checkpoint_path) / 'metrics.jsonl'}")  # fmt: skip
         for key in sorted(outcome.eval_metrics):
             print(f"  {key}: {outcome.eval_metrics[key]:.4f}")
-
-
-class _Progress:
-    """The tqdm bar of rank 0, created once the number of steps is known."""
-
-    def __init__(self, is_main: bool) -> None:
-        self.is_main = is_main
-        self.bar = None
-
-    def start(self, total: int, initial: int) -> None:
-        self.bar = progress_bar(total, self.is_main, initial=initial)
-
-    def update(self, **postfix: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1, **postfix)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 @hydra.main(config_path="config", config_name="cfg_pretrain", version_base=None)
@@ -95,10 +73,7 @@ def main(cfg: DictConfig) -> None:
             launch(config, dist_info)
         finally:
             cleanup()
-    except (ConfigError, CheckpointMismatchError, FileNotFoundError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except ValueError as e:  # data validation (loader, evaluators) reports one line too
+    except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -20,11 +20,11 @@ Configurations (S = ``--stack-steps``, k = ``--groups``):
 
 * ``gd``: one ACT supervision step, ``(out.total() / B).backward()`` (training's ``objective=sum``).
 * ``gd_stack{S}``: S supervision steps on the same batch with one backward each
-  (``stack_supervisions_and_sum``, the m = 1 path of ``_objective_backward``).
+  (``stack_supervisions_and_sum``, the m = 1 path of ``training.strategies.JacobianDescent``).
 * ``iwrm_ours`` / ``pixelwise{k}_ours`` / ``stack{S}_ours``: ``JacobianDescent.step`` with UPGrad
   and the automatic provider (per_sample, rows, rows) on ``iwrm_with_q_halt_in``,
   ``pixelwise_q_halt_in`` with k groups and ``stack_supervisions``, driven like
-  ``training.loop._objective_backward``.
+  ``training.strategies.JacobianDescent``.
 * ``iwrm_autogram``: ours on IWRM with TorchJD's autogram engine (the per-sample fallback).
 * ``pixelwise{k}_heads``: ours with ``gramian: heads`` (partial Jacobian descent: the Gramian of
   the output heads' gradients, then one weighted backward).
@@ -153,12 +153,12 @@ class Bench:
         return out
 
     def contributions(self, layout: Any) -> Iterator[Tensor]:
-        """Per-step contributions [B, m], exactly as ``_objective_backward`` yields them."""
+        """Per-step contributions [B, m], exactly as ``JacobianDescent`` builds them."""
         from training import jd
 
         for s in range(layout.S):
             out = self.forward()
-            halt = out.halt_loss_per_sample if getattr(out, "has_halting", True) else None
+            halt = out.halt_loss_per_sample if out.has_halting else None
             yield jd.step_contributions(
                 layout, s, out.normalized_token_loss, halt, out.internal_token_loss
             )
@@ -166,8 +166,8 @@ class Bench:
 
 def build_bench(args: argparse.Namespace) -> tuple[Bench, Any]:
     """The TRM of the preset (seed 0) and a random batch; returns the bench and arch config."""
+    from models.family import family_of
     from models.recursive_reasoning.common import ModelDims
-    from models.registry import build_loss_head
     from training.config import load_pretrain_config
     from utils.config import compose
 
@@ -184,7 +184,7 @@ def build_bench(args: argparse.Namespace) -> tuple[Bench, Any]:
     dims = ModelDims(args.batch_size, SEQ_LEN, VOCAB, num_puzzle_identifiers=PUZZLES)
     torch.manual_seed(0)
     with torch.device(device):
-        head = build_loss_head(arch, dims)
+        head = family_of(arch).build(arch, dims)
     head.train()
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -193,7 +193,7 @@ def build_bench(args: argparse.Namespace) -> tuple[Bench, Any]:
         "puzzle_identifiers": torch.randint(1, PUZZLES, (args.batch_size,), generator=g),
     }
     batch = {k: v.to(device=device, dtype=torch.int32) for k, v in batch.items()}
-    puzzle_emb = getattr(head.model.inner, "puzzle_emb", None)
+    puzzle_emb = family_of(arch).puzzle_embedding(head)
     extra = []
     if puzzle_emb is not None and puzzle_emb.local_weights.requires_grad:
         extra.append(puzzle_emb.local_weights)
@@ -202,7 +202,7 @@ def build_bench(args: argparse.Namespace) -> tuple[Bench, Any]:
         batch=batch,
         params=[p for p in head.parameters() if p.requires_grad],
         extra=extra,
-        has_halt=not getattr(arch, "no_act", False),
+        has_halt=arch.has_halting,
         device=device,
     )
     bench.carry = head.initial_carry(batch)

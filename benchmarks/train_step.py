@@ -25,7 +25,9 @@ import torch
 from dataset import build_arc_dataset
 from dataset.common import run_cli
 from training.config import PretrainConfig, load_pretrain_config
-from training.loop import TrainState, create_dataloader, create_train_state, train_batch
+from training.data import create_dataloader
+from training.state import TrainState, create_train_state
+from training.step import train_batch
 from utils.config import compose
 from utils.distributed import DistInfo, select_device
 from utils.optim import cosine_schedule_with_warmup_lr_lambda, set_lr
@@ -35,7 +37,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per
 
 
 def original_train_batch(config: PretrainConfig, state: TrainState, batch: dict) -> dict:
-    """The original loop's step (spec §4 ``train_batch``), for comparison."""
+    """The original loop's step (upstream ``pretrain.py``, ``train_batch``), for comparison."""
     state.step += 1
     device = next(state.raw_model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -48,14 +50,14 @@ def original_train_batch(config: PretrainConfig, state: TrainState, batch: dict)
         for p in state.raw_model.parameters():
             if p.grad is not None:
                 torch.distributed.all_reduce(p.grad)
-    for opt, base_lr in zip(state.optimizers, state.base_lrs, strict=True):
+    for named in state.optimizers.values():
         lr = cosine_schedule_with_warmup_lr_lambda(
-            state.step, base_lr=base_lr, num_warmup_steps=config.lr_warmup_steps,
+            state.step, base_lr=named.base_lr, num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=state.total_steps, min_ratio=config.lr_min_ratio,
         )  # fmt: skip
-        set_lr(opt, lr)
-        opt.step()
-        opt.zero_grad()
+        set_lr(named.optimizer, lr)
+        named.optimizer.step()
+        named.optimizer.zero_grad()
     if state.ema is not None:
         state.ema.update(state.raw_model)
     keys = sorted(out.metrics)
@@ -102,7 +104,7 @@ def main() -> None:
     dist_info = DistInfo(device=device)
     torch.manual_seed(0)
     _, data = create_dataloader(config, "train", dist_info, test_set_mode=False)
-    base = create_train_state(config, data.metadata, dist_info)
+    base = create_train_state(config, data, dist_info)
     batches = []
     for _, batch, _ in data:
         batches.append(batch)

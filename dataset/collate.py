@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dataset.common import IGNORE_LABEL_ID, PuzzleDatasetMetadata
+from dataset.common import DataError, IGNORE_LABEL_ID, PuzzleDatasetMetadata
 from dataset.reader import PuzzleReader, SetData
 from dataset.sampling import BatchRows
 from utils.registry import Registry
@@ -88,7 +88,7 @@ def resolve_fields(fields: Sequence[str]) -> tuple[str, ...]:
     """Canonical names of ``fields``; a one-line ``ValueError`` for an unknown or repeated one."""
     names = tuple(BATCH_FIELDS.canonical(name) for name in fields)
     if len(set(names)) != len(names):
-        raise ValueError(f"batch fields {list(fields)} name a field twice")
+        raise DataError(f"batch fields {list(fields)} name a field twice")
     return names
 
 

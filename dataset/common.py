@@ -28,6 +28,8 @@ from typing import Any, BinaryIO
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from utils.schema import UserError
+
 # Fields stored per split and set, in upstream's naming.
 FIELDS = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
 PUZZLE_ID_SEPARATOR = "|||"
@@ -42,8 +44,13 @@ DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 DIHEDRAL_SWAPS_AXES = (False, True, False, True, False, False, True, True)
 
 
-class DatasetBuildError(Exception):
+class DatasetBuildError(UserError):
     """A problem with a builder's input; the message is one line naming the file and task."""
+
+
+class DataError(UserError, ValueError):
+    """A built dataset that cannot be read or does not fit the run; the message names the file
+    and what to rebuild or change."""
 
 
 class PuzzleDatasetMetadata(BaseModel):

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dataset.collate import DEFAULT_FIELDS, Collator, resolve_fields
-from dataset.common import IGNORE_LABEL_ID
+from dataset.common import DataError, IGNORE_LABEL_ID
 from dataset.reader import PuzzleReader
 from dataset.sampling import SAMPLERS, SetPlan
 
@@ -58,9 +58,9 @@ class PuzzleDatasetConfig(BaseModel):
     @model_validator(mode="after")
     def _check_replicas(self) -> PuzzleDatasetConfig:
         if self.rank >= self.num_replicas:
-            raise ValueError(f"rank {self.rank} must be < num_replicas {self.num_replicas}")
+            raise DataError(f"rank {self.rank} must be < num_replicas {self.num_replicas}")
         if self.global_batch_size % self.num_replicas != 0:
-            raise ValueError(
+            raise DataError(
                 f"global_batch_size {self.global_batch_size} must be a multiple of num_replicas "
                 f"{self.num_replicas} (the world size); change global_batch_size"
             )
@@ -263,7 +263,7 @@ class PuzzleDataset(IterableDataset):
         themselves (``iterations`` is ignored in test mode).
         """
         if iterations < 0 or batches < 0:
-            raise ValueError(f"iterations {iterations} and batches {batches} must be >= 0")
+            raise DataError(f"iterations {iterations} and batches {batches} must be >= 0")
         base, count = self._batch_counter(iterations)
         position = _Position(base, 0, 0)
         remaining = batches
@@ -275,7 +275,7 @@ class PuzzleDataset(IterableDataset):
                 break
             remaining -= count(t)
         if remaining > 0:
-            raise ValueError(
+            raise DataError(
                 f"iteration {iterations} has only {batches - remaining} batches, not {batches}"
             )
         return self._state(position)
@@ -286,7 +286,7 @@ class PuzzleDataset(IterableDataset):
         ``rank``, ``num_replicas`` and ``fields`` may differ: the global batches stay the same.
         """
         if state.get("version") != STATE_VERSION:
-            raise ValueError(
+            raise DataError(
                 f"dataset state version {state.get('version')!r} is not {STATE_VERSION}; "
                 "it was saved by an incompatible PuzzleDataset"
             )
@@ -294,7 +294,7 @@ class PuzzleDataset(IterableDataset):
         expected = {**self._identity(), "sampler": self.sampler_name}
         for field, value in expected.items():
             if saved.get(field) != value:
-                raise ValueError(
+                raise DataError(
                     f"dataset state has {field}={saved.get(field)!r} but this dataset has "
                     f"{value!r}; resume with the configuration the state was saved with"
                 )
@@ -302,9 +302,9 @@ class PuzzleDataset(IterableDataset):
             int(state["iters"]), int(state["set_index"]), int(state["batches_done"])
         )
         if position.iters < 0 or not 0 <= position.set_index <= len(self._sets):
-            raise ValueError(f"dataset state position {position} is out of range")
+            raise DataError(f"dataset state position {position} is out of range")
         if position.batches_done < 0:
-            raise ValueError(f"dataset state position {position} is out of range")
+            raise DataError(f"dataset state position {position} is out of range")
         self._iters = position.iters
         self._position = position
         self._pending = position

@@ -22,7 +22,7 @@ from typing import IO, Any, Literal
 import numpy as np
 from pydantic import ValidationError
 
-from dataset.common import FIELDS, PuzzleDatasetMetadata
+from dataset.common import DataError, FIELDS, PuzzleDatasetMetadata
 
 # The per-example fields, gathered row by row; the other FIELDS are index arrays held in memory.
 TOKEN_FIELDS = ("inputs", "labels")
@@ -48,9 +48,9 @@ def _read_npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
     elif version == (2, 0):
         shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
     else:
-        raise ValueError(f"unsupported .npy format version {version}")
+        raise DataError(f"unsupported .npy format version {version}")
     if fortran_order and len(shape) > 1:
-        raise ValueError("Fortran-ordered arrays are not supported")
+        raise DataError("Fortran-ordered arrays are not supported")
     return tuple(shape), dtype
 
 
@@ -85,10 +85,10 @@ class SplitSource:
                     with zf.open(member) as f:
                         return _read_npy_header(f)
         except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise ValueError(
+            raise DataError(
                 f"{self.describe(set_name, field)}: unreadable array ({e}); rebuild the dataset"
             ) from e
-        raise ValueError(
+        raise DataError(
             f"{self.location} has no array '{set_name}__{field}'; repack it with all of "
             f"{', '.join(FIELDS)} for every set in {self.metadata_file.name}"
         )
@@ -103,7 +103,7 @@ class SplitSource:
                 return npz[f"{set_name}__{field}"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             desc = self.describe(set_name, field)
-            raise ValueError(f"{desc}: unreadable array ({e}); rebuild the dataset") from e
+            raise DataError(f"{desc}: unreadable array ({e}); rebuild the dataset") from e
 
 
 def find_source(dataset_path: str, split: str) -> SplitSource:
@@ -137,9 +137,9 @@ def load_metadata(source: SplitSource) -> PuzzleDatasetMetadata:
     try:
         raw = json.loads(name.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{name}: unreadable dataset.json ({e}); rebuild the dataset") from e
+        raise DataError(f"{name}: unreadable dataset.json ({e}); rebuild the dataset") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"{name}: dataset.json must hold an object; rebuild the dataset")
+        raise DataError(f"{name}: dataset.json must hold an object; rebuild the dataset")
     if "total_puzzles" not in raw and isinstance(raw.get("sets"), list):
         # Upstream fills this field in for datasets built before it existed (HRM's builders).
         raw["total_puzzles"] = sum(
@@ -152,7 +152,7 @@ def load_metadata(source: SplitSource) -> PuzzleDatasetMetadata:
             f"{'.'.join(str(p) for p in err['loc']) or 'dataset.json'}: {err['msg']}"
             for err in e.errors()
         )
-        raise ValueError(f"{name}: invalid dataset.json ({problems}); rebuild the dataset") from e
+        raise DataError(f"{name}: invalid dataset.json ({problems}); rebuild the dataset") from e
     checks = [
         (metadata.seq_len > 0, "seq_len must be > 0"),
         (metadata.vocab_size > 0, "vocab_size must be > 0"),
@@ -167,7 +167,7 @@ def load_metadata(source: SplitSource) -> PuzzleDatasetMetadata:
     ]
     for ok, problem in checks:
         if not ok:
-            raise ValueError(f"{name}: invalid dataset.json ({problem}); rebuild the dataset")
+            raise DataError(f"{name}: invalid dataset.json ({problem}); rebuild the dataset")
     return metadata
 
 
@@ -202,24 +202,24 @@ def _check_indices(
 ) -> None:
     desc = source.describe(set_name, field)
     if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(
+        raise DataError(
             f"{desc}: expected a non-empty 1-D integer array, got {arr.dtype} {arr.shape}; "
             "rebuild the dataset"
         )
     if int(arr[0]) != 0:
-        raise ValueError(f"{desc}: must start at 0, starts at {int(arr[0])}; rebuild the dataset")
+        raise DataError(f"{desc}: must start at 0, starts at {int(arr[0])}; rebuild the dataset")
     steps = np.diff(arr.astype(np.int64))
     # A group without puzzles cannot be sampled (upstream's rng.integers(lo, lo) would fail).
     strict = field == "group_indices"
     wrong = np.flatnonzero(steps <= 0 if strict else steps < 0)
     if wrong.size:
         order = "strictly increasing" if strict else "non-decreasing"
-        raise ValueError(
+        raise DataError(
             f"{desc}: must be {order}, entry {int(wrong[0]) + 1} is {int(arr[wrong[0] + 1])} "
             f"after {int(arr[wrong[0]])}; rebuild the dataset"
         )
     if int(arr[-1]) != end:
-        raise ValueError(
+        raise DataError(
             f"{desc}: last value {int(arr[-1])} != {end} ({end_what}); the arrays come from "
             "different builds, rebuild the dataset"
         )
@@ -271,7 +271,7 @@ class PuzzleReader:
         for source, metadata in zip(sources[1:], metadatas[1:], strict=True):
             for field in _SHARED_METADATA_FIELDS:
                 if getattr(metadata, field) != getattr(first, field):
-                    raise ValueError(
+                    raise DataError(
                         f"{source.metadata_file}: {field} {getattr(metadata, field)!r} differs "
                         f"from {getattr(first, field)!r} in {sources[0].metadata_file}; "
                         "dataset_paths must be built with the same tokenizer and seq_len"
@@ -290,7 +290,7 @@ class PuzzleReader:
         ]
         names = [name for _, _, name in layout]
         if len(set(names)) != len(names):
-            raise ValueError(
+            raise DataError(
                 f"set names {names} collide after renaming path k's sets to '<set><k>'; "
                 "rename the sets in the dataset.json files"
             )
@@ -330,18 +330,18 @@ class PuzzleReader:
         inputs_desc = source.describe(stored_name, "inputs")
         labels_desc = source.describe(stored_name, "labels")
         if len(inputs_shape) != 2 or inputs_shape[1] != metadata.seq_len:
-            raise ValueError(
+            raise DataError(
                 f"{inputs_desc}: shape {inputs_shape} is not [N, seq_len={metadata.seq_len}] "
                 f"of {source.metadata_file}; rebuild the dataset"
             )
         if labels_shape != inputs_shape:
-            raise ValueError(
+            raise DataError(
                 f"{labels_desc}: shape {labels_shape} differs from inputs {inputs_shape}; "
                 "rebuild the dataset"
             )
         for desc, dtype in ((inputs_desc, inputs_dtype), (labels_desc, labels_dtype)):
             if not np.issubdtype(dtype, np.integer):
-                raise ValueError(f"{desc}: dtype {dtype} is not an integer type; rebuild it")
+                raise DataError(f"{desc}: dtype {dtype} is not an integer type; rebuild it")
 
         identifiers = source.load(stored_name, "puzzle_identifiers", mmap=False)
         puzzle_indices = source.load(stored_name, "puzzle_indices", mmap=False)
@@ -360,15 +360,15 @@ class PuzzleReader:
         )
         ids_desc = source.describe(stored_name, "puzzle_identifiers")
         if identifiers.shape != (puzzle_indices.size - 1,):
-            raise ValueError(
+            raise DataError(
                 f"{ids_desc}: shape {identifiers.shape} != ({puzzle_indices.size - 1},), one id "
                 "per puzzle in puzzle_indices; rebuild the dataset"
             )
         if not np.issubdtype(identifiers.dtype, np.integer):
-            raise ValueError(f"{ids_desc}: dtype {identifiers.dtype} is not an integer type")
+            raise DataError(f"{ids_desc}: dtype {identifiers.dtype} is not an integer type")
         bad = _bad_token(identifiers, metadata.num_puzzle_identifiers, None)
         if bad is not None:
-            raise ValueError(
+            raise DataError(
                 f"{ids_desc}: puzzle {bad} has identifier {int(identifiers[bad])} outside "
                 f"[0, num_puzzle_identifiers={metadata.num_puzzle_identifiers}) of "
                 f"{source.metadata_file}; rebuild the dataset or fix num_puzzle_identifiers"
@@ -416,7 +416,7 @@ class PuzzleReader:
         if bad is not None:
             row = int(rows[bad // values.shape[1]])
             value = int(values.ravel()[bad])
-            raise ValueError(
+            raise DataError(
                 f"{set_data.source.describe(set_data.stored_name, field)}: row {row} holds token "
                 f"{value} outside [0, vocab_size={metadata.vocab_size}) of "
                 f"{set_data.source.metadata_file}; rebuild the dataset or fix vocab_size"
@@ -431,7 +431,7 @@ class PuzzleReader:
         ``ignore_label_id``). ``contiguous`` promises consecutive rows, read as one slice.
         """
         if field not in TOKEN_FIELDS:
-            raise ValueError(f"'{field}' is not a token field; choose one of {TOKEN_FIELDS}")
+            raise DataError(f"'{field}' is not a token field; choose one of {TOKEN_FIELDS}")
         arr = self._tokens(set_data, field)
         if contiguous and rows.size:
             values = np.asarray(arr[int(rows[0]) : int(rows[-1]) + 1])

@@ -53,7 +53,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from dataset.common import inverse_aug
+from dataset.common import DataError, inverse_aug
 from evaluators.base import EVALUATOR_CONFIGS, EVALUATORS, EvaluatorConfig
 from utils.distributed import gather_objects
 
@@ -106,15 +106,15 @@ def grid_hash(grid: np.ndarray) -> str:
 
 def _grid_from_json(value: Any, where: str) -> np.ndarray:
     if not (isinstance(value, list) and value and all(isinstance(r, list) and r for r in value)):
-        raise ValueError(f"{where} is not a non-empty list of non-empty rows")
+        raise DataError(f"{where} is not a non-empty list of non-empty rows")
     if len({len(r) for r in value}) != 1:
-        raise ValueError(f"{where} is not rectangular")
+        raise DataError(f"{where} is not rectangular")
     try:
         arr = np.array(value, dtype=np.int64)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"{where} holds values that are not integers") from None
+        raise DataError(f"{where} holds values that are not integers") from None
     if arr.shape[0] > CANVAS or arr.shape[1] > CANVAS or arr.min() < 0 or arr.max() > 9:
-        raise ValueError(f"{where} must be at most {CANVAS}×{CANVAS} with colours 0..9")
+        raise DataError(f"{where} must be at most {CANVAS}×{CANVAS} with colours 0..9")
     return arr.astype(np.uint8)
 
 
@@ -128,9 +128,9 @@ def _read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found; the ARC evaluator needs it ({hint})") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: unreadable ({e}); {hint}") from None
+        raise DataError(f"{path}: unreadable ({e}); {hint}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(
+        raise DataError(
             f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}; {hint}"
         ) from None
 
@@ -142,11 +142,11 @@ def _load_identifiers(data_paths: list[str], identifier_offsets: list[int]) -> l
         file = Path(path) / "identifiers.json"
         local = _read_json(file)
         if not isinstance(local, list) or not all(isinstance(n, str) for n in local):
-            raise ValueError(f"{file}: expected a list of puzzle names indexed by identifier")
+            raise DataError(f"{file}: expected a list of puzzle names indexed by identifier")
         end = offset + len(local)
         names.extend([None] * max(0, end - len(names)))
         if offset < 0 or any(n is not None for n in names[offset:end]):
-            raise ValueError(
+            raise DataError(
                 f"{file}: identifiers {offset}..{end - 1} overlap another data path's; pass "
                 "the loader's identifier_offsets (PuzzleDataset.identifier_offsets)"
             )
@@ -161,10 +161,10 @@ def _load_test_puzzles(data_paths: list[str]) -> dict[str, Any]:
         file = Path(path) / "test_puzzles.json"
         puzzles = _read_json(file)
         if not isinstance(puzzles, dict):
-            raise ValueError(f"{file}: expected an object keyed by task id")
+            raise DataError(f"{file}: expected an object keyed by task id")
         for task, puzzle in puzzles.items():
             if task in merged and merged[task] != puzzle:
-                raise ValueError(f"{file}: task {task} differs from the same task in another path")
+                raise DataError(f"{file}: task {task} differs from the same task in another path")
             merged.setdefault(task, puzzle)
     return merged
 
@@ -199,7 +199,7 @@ class ARC:
         self, config: ARCEvaluatorConfig, data_paths: list[str], identifier_offsets: list[int]
     ) -> None:
         if any(k < 1 for k in config.pass_Ks):
-            raise ValueError(f"pass_Ks must all be >= 1, got {config.pass_Ks}")
+            raise DataError(f"pass_Ks must all be >= 1, got {config.pass_Ks}")
         self.config = config
         self.required_outputs = {"inputs", "puzzle_identifiers", "q_halt_logits", "preds"}
         self.identifier_names = _load_identifiers(data_paths, identifier_offsets)
@@ -210,11 +210,11 @@ class ARC:
             where = f"test_puzzles.json: task {task}"
             tests = puzzle.get("test") if isinstance(puzzle, dict) else None
             if not isinstance(tests, list) or not tests:
-                raise ValueError(f"{where}: expected an object with a non-empty 'test' list")
+                raise DataError(f"{where}: expected an object with a non-empty 'test' list")
             pairs = []
             for i, pair in enumerate(tests):
                 if not isinstance(pair, dict) or "input" not in pair or "output" not in pair:
-                    raise ValueError(f"{where}: test pair {i} needs 'input' and 'output'")
+                    raise DataError(f"{where}: test pair {i} needs 'input' and 'output'")
                 grid_in = _grid_from_json(pair["input"], f"{where}: test pair {i} input")
                 grid_out = _grid_from_json(pair["output"], f"{where}: test pair {i} output")
                 pairs.append((grid_hash(grid_in), grid_hash(grid_out)))
@@ -248,7 +248,7 @@ class ARC:
         q = merged["q_halt_logits"].detach().to("cpu", torch.float64).sigmoid().numpy()
         for key, arr in (("inputs", inputs), ("preds", preds)):
             if arr.ndim != 2 or arr.shape[1] != CANVAS * CANVAS or len(arr) != len(ids):
-                raise ValueError(
+                raise DataError(
                     f"ARC evaluator: {key} must be [{len(ids)}, {CANVAS * CANVAS}], got "
                     f"{list(arr.shape)}"
                 )
@@ -278,7 +278,7 @@ class ARC:
         names = self.identifier_names
         name = names[identifier] if 0 <= identifier < len(names) else None
         if name is None:
-            raise ValueError(
+            raise DataError(
                 f"puzzle identifier {identifier} is not in any identifiers.json of the data paths; "
                 "the evaluator and the loader must use the same data_paths"
             )

@@ -7,8 +7,8 @@ the differential loss and the per-cycle losses come from the Jacobian-descent fo
 ``ACTLossHead`` wraps a model and runs one supervision step for every slot of the carry. It does
 not reduce: it returns a ``LossOutput`` holding the per-token LM loss, the per-sample halting
 losses, detached metric sums and the all-halted flag. ``LossOutput.total()`` is upstream's scalar,
-the gradient-descent objective; other reductions (Jacobian-descent objectives) are registered in
-``REDUCTIONS`` and take a ``LossOutput``.
+the gradient-descent objective; the step strategies (``training.strategies``) reduce a
+``LossOutput`` to one objective or to many.
 
 ``NoACTLossHead`` is the JD fork's head for models without halting (``arch=trmjd``). Both heads
 fill ``LossOutput.internal_token_loss`` when the model outputs per-H-cycle logits, and take the
@@ -16,12 +16,12 @@ fork's ``differential_loss`` flag (the LM loss sees the logits minus the previou
 step's).
 
 Registries: ``LOSS_FUNCTIONS`` (``arch.loss.loss_type``), ``LOSS_HEADS`` (``arch.loss.name``,
-with upstream's ``losses@ACTLossHead`` alias) and ``REDUCTIONS``.
+with upstream's ``losses@ACTLossHead`` alias).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -203,16 +203,6 @@ class LossOutput:
         if self.q_continue_loss is not None:
             halt = halt + self.q_continue_loss.sum()
         return self.normalized_token_loss.sum() + HALT_LOSS_WEIGHT * halt
-
-
-Reduction = Callable[[LossOutput], Tensor]
-REDUCTIONS: Registry[Reduction] = Registry("loss reduction")
-
-
-@REDUCTIONS.register("sum")
-def reduce_sum(output: LossOutput) -> Tensor:
-    """The gradient-descent objective: ``output.total()``, a scalar."""
-    return output.total()
 
 
 # ----------------------------------------------------------------------------------------------

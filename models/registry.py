@@ -10,6 +10,7 @@ from torch import nn
 
 from models.arch_config import ARCH_CONFIGS, ArchConfig
 from models.recursive_reasoning.common import ACTModel, ModelDims
+from models.sparse_embedding import CastedSparseEmbedding
 from utils.registry import Registry
 
 MODELS: Registry[type[ACTModel]] = Registry(
@@ -47,7 +48,7 @@ def describe_model(module: nn.Module) -> dict[str, int]:
     """Sizes every run reports: trainable parameters (upstream's ``num_params``) and the
     puzzle-embedding table, which upstream's count leaves out because it is a buffer (TRM#18)."""
     info = {"num_params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
-    tables = [m for m in module.modules() if type(m).__name__ == "CastedSparseEmbedding"]
+    tables = [m for m in module.modules() if isinstance(m, CastedSparseEmbedding)]
     info["puzzle_emb_rows"] = sum(int(t.weights.shape[0]) for t in tables)
     info["puzzle_emb_bytes"] = sum(t.weights.numel() * t.weights.element_size() for t in tables)
     return info

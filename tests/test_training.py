@@ -211,7 +211,7 @@ def test_keep_last(arc_data: Path, tmp_path: Path) -> None:
 def test_non_finite_loss_stops_with_step_and_checkpoint(
     arc_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = losses.REDUCTIONS.get("sum")
+    real = losses.LossOutput.total
     calls = {"n": 0}
 
     def nan_at_third(out: losses.LossOutput) -> torch.Tensor:
@@ -219,7 +219,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(
         value = real(out)
         return value * float("nan") if calls["n"] == 3 else value
 
-    monkeypatch.setitem(losses.REDUCTIONS._entries, "sum", nan_at_third)
+    monkeypatch.setattr(losses.LossOutput, "total", nan_at_third)
     config = make_config(arc_data, tmp_path, "max_steps=5", "checkpoint_every_steps=2")
     with pytest.raises(NonFiniteLossError, match=r"at step 3; last good checkpoint: .*step_2"):
         train(config)

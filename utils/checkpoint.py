@@ -18,11 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from utils.schema import UserError
+
 PUZZLE_EMB_KEY = "model.inner.puzzle_emb.weights"
 _PREFIXES = ("_orig_mod.", "module.")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The weights do not fit the model; the message says which keys or shapes differ."""
 
 
@@ -119,7 +121,10 @@ def load_model_weights(
 # ----------------------------------------------------------------------------------------------
 # Complete, atomic training checkpoints
 # ----------------------------------------------------------------------------------------------
-FORMAT_VERSION = 1
+# 2: optimizers keyed by group name and progress counters under "progress" in TRAIN_FILE.
+# 1: optimizers as a list in build order; readable, migrated by ``training.checkpointing``.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 MODEL_FILE = "model.pt"  # the loss head's state dict: model.inner.... (upstream's keys)
 EMA_FILE = "ema.pt"  # the EMA shadow of the trainable parameters, when ema=True
@@ -204,9 +209,10 @@ def load_checkpoint_files(folder: Path, rank: int) -> tuple[dict[str, Any], dict
     if not is_complete(folder):
         raise FileNotFoundError(f"{folder}: not a complete checkpoint (no {META_FILE})")
     meta = json.loads((folder / META_FILE).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise CheckpointMismatchError(
-            f"{folder}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}"
+            f"{folder}: checkpoint format {meta.get('format_version')} is not one of "
+            f"{READABLE_FORMAT_VERSIONS}; it was written by a newer version of this code"
         )
     shared: dict[str, Any] = {"meta": meta}
     for name in (MODEL_FILE, EMA_FILE, TRAIN_FILE):

@@ -297,3 +297,23 @@ class ProgressBar:
 def progress_bar(total: int, is_main: bool, initial: int = 0) -> ProgressBar:
     """A ``ProgressBar`` over ``total`` steps starting at ``initial`` (for resumed runs)."""
     return ProgressBar(total, is_main, initial)
+
+
+class StepProgress:
+    """The rank-0 step bar of a training run, created once the number of steps is known
+    (``training.loop.Progress``)."""
+
+    def __init__(self, is_main: bool) -> None:
+        self.is_main = is_main
+        self.bar: ProgressBar | None = None
+
+    def start(self, total: int, initial: int) -> None:
+        self.bar = progress_bar(total, self.is_main, initial=initial)
+
+    def update(self, **postfix: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1, **postfix)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

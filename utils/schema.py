@@ -5,7 +5,15 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem with the user's input (config, data, checkpoint) that the user can fix.
+
+    Entry points print its message as one ``error:`` line and exit with code 2; every other
+    exception is a bug and keeps its traceback.
+    """
+
+
+class ConfigError(UserError, ValueError):
     """An invalid configuration; the message says where and what to change."""
 
 

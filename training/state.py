@@ -1,0 +1,223 @@
+"""The train state: everything a run needs to continue, saving and loading itself by component.
+
+Components and where they are saved (``utils.checkpoint`` writes the files):
+
+* ``model.pt``: the loss head's state dict (upstream's keys ``model.inner....``);
+* ``ema.pt``: the EMA shadow (``ema=True``);
+* ``train_state.pt``: the optimizers keyed by group name, the progress counters, the step
+  strategy's state and the data position (the loader's, added by ``training.checkpointing``);
+* ``rank_N.pt``: each process's ACT carry and RNG states.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from dataset.puzzle_dataset import PuzzleDataset
+from models.ema import EMAHelper, unwrap_module
+from models.family import Capabilities, ModelFamily, family_of
+from models.recursive_reasoning.common import ACTCarry, ModelDims
+from training.config import PretrainConfig, check_world_size
+from training.optimizers import NamedOptimizer, apply_run_hyperparameters, build_optimizers
+from utils import checkpoint as ckpt
+from utils.distributed import DistInfo, broadcast_tensors_
+
+
+class StepStrategy(Protocol):
+    """What the train state keeps of the step strategy (``training.strategies``)."""
+
+    name: str
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainState:
+    """Weights, optimizers by name, progress, carry, EMA and step strategy of one process."""
+
+    model: nn.Module  # the loss head, possibly wrapped by torch.compile
+    family: ModelFamily
+    capabilities: Capabilities
+    optimizers: dict[str, NamedOptimizer] = field(default_factory=dict)
+    strategy: Any = None  # a training.strategies.StepStrategy; None when only evaluating
+    total_steps: int = 0
+    step: int = 0
+    iteration: int = 0  # completed train/eval cycles
+    batches_in_iteration: int = 0  # batches consumed in the current cycle
+    carry: ACTCarry | None = None
+    ema: EMAHelper | None = None
+
+    @property
+    def raw_model(self) -> nn.Module:
+        """The loss head without compile/DDP wrappers (state dicts, EMA)."""
+        return unwrap_module(self.model)
+
+    # ------------------------------------------------------------------------------------------
+    # Saving and loading, component by component
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The components every rank shares (rank 0 saves them)."""
+        state: dict[str, Any] = {
+            "model": self.raw_model.state_dict(),
+            "optimizers": {n: o.optimizer.state_dict() for n, o in self.optimizers.items()},
+            "progress": {
+                "step": self.step,
+                "iteration": self.iteration,
+                "batches_in_iteration": self.batches_in_iteration,
+            },
+            "strategy": self.strategy.state_dict() if self.strategy is not None else {},
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(
+        self, state: Mapping[str, Any], config: PretrainConfig, source: str = "checkpoint"
+    ) -> None:
+        """Load ``state_dict()`` output; the run's optimizer hyper-parameters win."""
+        ckpt.load_model_weights(
+            self.raw_model, state["model"], resize_puzzle_emb=False, source=source
+        )
+        saved = state["optimizers"]
+        if list(saved) != list(self.optimizers):
+            raise ckpt.CheckpointMismatchError(
+                f"{source}: optimizers {list(saved)} saved, the run has {list(self.optimizers)}; "
+                "freeze_weights or arch.puzzle_emb_ndim differ from the run that wrote it"
+            )
+        for name, named in self.optimizers.items():
+            named.optimizer.load_state_dict(saved[name])
+            apply_run_hyperparameters(named, config)
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ckpt.CheckpointMismatchError(f"{source}: has no EMA state but ema=True")
+            self.ema.load_state_dict(state["ema"])
+        progress = state["progress"]
+        self.step = progress["step"]
+        self.iteration = progress["iteration"]
+        self.batches_in_iteration = progress["batches_in_iteration"]
+        if self.strategy is not None:
+            self.strategy.load_state_dict(state.get("strategy", {}))
+
+    def rank_state_dict(self, device: torch.device) -> dict[str, Any]:
+        """This process's own components: the ACT carry and the RNG states."""
+        return {
+            "carry": self.carry.state_dict() if self.carry is not None else None,
+            "rng": rng_state(device),
+        }
+
+    def load_rank_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        if state["carry"] is not None:
+            self.carry = carry_to(ACTCarry.from_state_dict(state["carry"]), device)
+        set_rng_state(state["rng"], device)
+
+
+def carry_to(carry: ACTCarry, device: torch.device) -> ACTCarry:
+    """``carry`` with every tensor on ``device``."""
+
+    def move(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in tensors.items()}
+
+    return ACTCarry(
+        move(carry.inner_carry), carry.steps.to(device), carry.halted.to(device),
+        move(carry.current_data),
+    )  # fmt: skip
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The torch RNG states this process draws from (CPU, and the accelerator's)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    if "mps" in state and device.type == "mps":
+        torch.mps.set_rng_state(state["mps"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Creation
+# ----------------------------------------------------------------------------------------------
+def seed_everything(config: PretrainConfig, rank: int) -> None:
+    torch.manual_seed(config.seed + rank)  # upstream: seed + RANK
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.autograd.set_detect_anomaly(config.detect_anomaly)
+
+
+def want_compile(config: PretrainConfig, device: torch.device) -> bool:
+    if os.environ.get("DISABLE_COMPILE"):
+        return False
+    if config.compile == "auto":
+        return device.type == "cuda"
+    return bool(config.compile)
+
+
+def build_model(
+    config: PretrainConfig, data: PuzzleDataset, dist_info: DistInfo
+) -> tuple[nn.Module, ModelFamily]:
+    """The family's loss head on this device, sized by the data and the local batch."""
+    meta = data.metadata
+    dims = ModelDims(
+        batch_size=check_world_size(config, dist_info.world_size),
+        seq_len=meta.seq_len,
+        vocab_size=meta.vocab_size,
+        num_puzzle_identifiers=meta.num_puzzle_identifiers,
+    )
+    family = family_of(config.arch)
+    with torch.device(dist_info.device):
+        head = family.build(config.arch, dims)
+    return head, family
+
+
+def create_train_state(
+    config: PretrainConfig, data: PuzzleDataset, dist_info: DistInfo
+) -> TrainState:
+    """Model (+ initial weights if ``load_checkpoint``), optimizers, EMA and step strategy;
+    every rank starts from rank 0's parameters."""
+    from training.checkpointing import weights_for_loading
+    from training.strategies import build_strategy
+
+    head, family = build_model(config, data, dist_info)
+    if config.load_checkpoint and dist_info.is_main:
+        ckpt.load_model_weights(
+            head, weights_for_loading(Path(config.load_checkpoint)), source=config.load_checkpoint
+        )
+    # Every rank starts from rank 0's parameters and buffers (puzzle table, init states).
+    broadcast_tensors_([*head.parameters(), *head.buffers()])
+    groups = family.optimizer_groups(head, config.freeze_weights)
+    optimizers = build_optimizers(groups, config, dist_info.world_size)
+    ema = None
+    if config.ema:
+        ema = EMAHelper(mu=config.ema_rate)
+        ema.register(head)
+    capabilities = family.capabilities(config.arch, head)
+    strategy = build_strategy(config, head, family, capabilities)
+    model: nn.Module = head
+    if want_compile(config, dist_info.device) and strategy.compiles:
+        model = torch.compile(head)
+    return TrainState(
+        model=model,
+        family=family,
+        capabilities=capabilities,
+        optimizers=optimizers,
+        strategy=strategy,
+        total_steps=data.total_steps(config.epochs),
+        ema=ema,
+    )

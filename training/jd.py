@@ -1,6 +1,10 @@
 """Jacobian descent: losses split into objectives, aggregated with a TorchJD weighting.
 
-Three independent pieces (``../shared/spec/jd-reference.md`` §6):
+Three independent pieces. The JD fork (mattbuot/TinyRecursiveModelsJD) tied them together: one
+``AggregationStrategy`` enum chose the objective vector (``utils/torchjd_utils.py``,
+``aggregate_losses``), and ``pretrain.py``'s ``train_batch`` ran a plain backward for one
+objective and otherwise TorchJD's autojac ``backward`` with a module-level ``UPGrad()``. Here
+each piece is chosen on its own:
 
 * **Objectives.** A declarative ``ObjectiveSpec`` says which axes of the unreduced losses stay
   separate objectives — supervision step (s), H-cycle (c), sample (b), pixel (p) — where the

@@ -1,10 +1,13 @@
 """A straightforward ARC builder with the original code's structure, used as the benchmark baseline.
 
-It follows the algorithm of upstream's ``build_arc_dataset.py`` step by step (spec §6): every
-augmented puzzle and every encoded example is held in Python lists, each example is padded with
-``np.pad``, duplicates are found with SHA-256 puzzle hashes, and everything is stacked and saved
-at the end. Its output has the same layout as ``dataset.build_arc_dataset``; it exists only so that
-``benchmarks.build_data`` can measure our builder against the original design in the same run.
+It follows upstream's ``dataset/build_arc_dataset.py`` step by step (``load_puzzles_arcagi``,
+``convert_single_arc_puzzle``, ``convert_dataset``): one global ``np.random.seed(42)``, every
+augmented puzzle and every encoded example held in Python lists, each example padded with
+``np.pad`` (``np_grid_to_seq_translational_augment``), duplicates found with SHA-256 puzzle hashes
+(``puzzle_hash``), and everything stacked and saved at the end. It writes the same
+``<split>/all__<field>.npy`` files and ``identifiers.json`` as ``dataset.build_arc_dataset`` (no
+``dataset.json`` and no ``test_puzzles.json``); it exists only so that ``benchmarks.build_data``
+can measure our builder against the original design in the same run.
 
     python -m benchmarks._reference_arc_builder OUTPUT_DIR NUM_AUG [SUBSET ...]
 """

@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from utils.atomic import swap_folder_into_place
 from utils.schema import UserError
 
 # Fields stored per split and set, in upstream's naming.
@@ -198,11 +199,7 @@ def atomic_output_dir(output_dir: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_folder_into_place(tmp, final)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,7 @@ from torch import Tensor
 
 from dataset.common import DataError, inverse_aug
 from evaluators.base import EVALUATOR_CONFIGS, EVALUATORS, EvaluatorConfig
+from utils.atomic import write_text_atomically
 from utils.distributed import gather_objects
 
 CANVAS = 30  # ARC grids live on a 30×30 canvas of seq_len 900
@@ -328,7 +328,7 @@ class ARC:
                 scores += solved / len(pairs)
 
         if save_path is not None:
-            _write_atomically(Path(save_path) / "submission.json", json.dumps(submission))
+            write_text_atomically(Path(save_path) / "submission.json", json.dumps(submission))
         # Over the tasks with predictions: upstream's all-task mean when every task has some.
         means = scores / max(tasks_evaluated, 1)
         metrics = {f"ARC/pass@{k}": float(m) for k, m in zip(Ks, means, strict=True)}
@@ -343,10 +343,3 @@ def _rank(candidates: dict[str, list[float]]) -> list[str]:
     """Candidate hashes by votes, then mean q, descending; exact ties by hash."""
     stats = [(-len(qs), -math.fsum(qs) / len(qs), h) for h, qs in candidates.items()]
     return [h for *_, h in sorted(stats)]
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from utils.atomic import swap_folder_into_place
 from utils.schema import UserError
 
 PUZZLE_EMB_KEY = "model.inner.puzzle_emb.weights"
@@ -189,14 +190,8 @@ def save_checkpoint(
     if rank == 0:
         meta = {**meta, "format_version": FORMAT_VERSION, "world_size": world_size}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        # Saving the same step again: move the old folder aside first, so that a kill at any
-        # moment leaves one complete checkpoint of this step.
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        # Saving the same step again keeps one complete checkpoint of it at every moment.
+        swap_folder_into_place(tmp, folder)
         if keep_last is not None:
             for stale in list_checkpoints(folder.parent)[:-keep_last]:
                 if stale != folder:  # never the checkpoint just written

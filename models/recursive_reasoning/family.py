@@ -16,6 +16,7 @@ from models.family import FAMILIES, Capabilities, ModelFamily, OptimizerGroup
 from models.per_sample import uncollected_parameters
 from models.recursive_reasoning.common import ModelDims
 from models.registry import build_loss_head
+from utils.schema import ConfigError
 
 
 class RecursiveFamily(ModelFamily):
@@ -34,7 +35,7 @@ class RecursiveFamily(ModelFamily):
             groups["puzzle_emb"] = OptimizerGroup("sign_sgd", list(table.buffers()))
         if freeze_weights:
             if table is None:
-                raise ValueError(
+                raise ConfigError(
                     "freeze_weights trains only the puzzle embedding, but it is disabled "
                     "(arch.puzzle_emb_ndim=0)"
                 )

@@ -5,10 +5,12 @@
         --output-dir data/arc1concept-aug-1000 --subsets training evaluation concept \\
         --test-set-name evaluation --num-aug 1000
 
-Encoding and augmentation follow upstream (spec §6): each task's group holds the original and up
-to ``num_aug`` unique variants (a dihedral transform and a permutation of colours 1..9; duplicates
-rejected by the multiset of transformed pairs); grids sit on a 30×30 canvas with PAD 0, EOS 1 and
-colours 2..11; train-split examples are translated to a random offset except one per puzzle.
+Encoding and augmentation follow upstream's ``dataset/build_arc_dataset.py`` (``aug``,
+``puzzle_hash``, ``np_grid_to_seq_translational_augment``): each task's group holds the original
+and up to ``num_aug`` unique variants (a dihedral transform and a permutation of colours 1..9;
+duplicates rejected by the multiset of transformed pairs); grids sit on a 30×30 canvas with PAD 0,
+EOS 1 and colours 2..11; train-split examples are translated to a random offset except one per
+puzzle.
 
 Routing (``--split-policy``):
 * ``trm`` (upstream): demo pairs of every task go to ``train``; test pairs go to ``test`` for the

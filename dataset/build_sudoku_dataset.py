@@ -1,4 +1,6 @@
-"""Build the Sudoku-Extreme dataset in the on-disk puzzle format (spec §5, §6).
+"""Build the Sudoku-Extreme dataset in the on-disk puzzle format (``dataset.common``).
+
+It follows upstream's ``dataset/build_sudoku_dataset.py`` (``convert_subset``, ``shuffle_sudoku``).
 
 Upstream command lines keep working, e.g.::
 
@@ -17,8 +19,8 @@ stored +1 (PAD 0, blank 1, digits 2..10), so ``vocab_size`` is 11 and ``seq_len`
 
 Deliberate divergences from upstream: the subsample and the augmentations use seeded
 ``np.random.Generator`` streams (``--seed``) instead of the unseeded global NumPy RNG, inputs are
-validated (one-line errors naming the file and line), ``total_puzzles`` counts puzzles, and a
-failed build leaves nothing on disk.
+validated (one-line errors naming the file and line), ``total_puzzles`` counts puzzles (upstream
+wrote the number of groups there), and a failed build leaves nothing on disk.
 """
 
 from __future__ import annotations

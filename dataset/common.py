@@ -1,6 +1,7 @@
 """Pieces shared by every dataset builder and by the loader.
 
-The on-disk layout is upstream's (spec §5)::
+The on-disk layout is upstream's (written by its ``dataset/build_*_dataset.py``, read by its
+``puzzle_dataset.py``)::
 
     <dir>/<split>/<set>__<field>.npy   split in {train, test}, set = "all"
     <dir>/<split>/dataset.json         PuzzleDatasetMetadata

@@ -1,14 +1,14 @@
 """ARC evaluator: vote over augmented variants, pass@K per test pair, ARC Prize submission.
 
-Upstream's semantics (spec §7). Every row of the test split is one augmented variant of one
-test pair. Its input and prediction are cropped from the 30×30 canvas (``crop``), mapped back to
-the original frame with the variant's inverse transform (``dataset.common.inverse_aug``) and
-hashed (``grid_hash``). Per (task, input hash) the distinct predicted grids are ranked by
-(votes, mean sigmoid(q_halt)) descending: majority vote, the model's mean halting confidence as
-tie-break. A pair is solved at pass@K when its label is among the top K; a task scores the
-fraction of its test pairs solved; ``ARC/pass@K`` averages the task scores. The submission lists,
-per task and test pair in source order, the top ``submission_K`` distinct grids as
-``{"attempt_1": grid, "attempt_2": grid}``, padded by repeating attempt 1.
+Upstream's semantics (its ``evaluators/arc.py``, class ``ARC``: ``update_batch`` and ``result``).
+Every row of the test split is one augmented variant of one test pair. Its input and prediction are
+cropped from the 30×30 canvas (``crop``), mapped back to the original frame with the variant's
+inverse transform (``dataset.common.inverse_aug``) and hashed (``grid_hash``). Per (task, input
+hash) the distinct predicted grids are ranked by (votes, mean sigmoid(q_halt)) descending: majority
+vote, the model's mean halting confidence as tie-break. A pair is solved at pass@K when its label is
+among the top K; a task scores the fraction of its test pairs solved; ``ARC/pass@K`` averages the
+task scores. The submission lists, per task and test pair in source order, the top ``submission_K``
+distinct grids as ``{"attempt_1": grid, "attempt_2": grid}``, padded by repeating attempt 1.
 
 Deliberate differences from upstream (also in ``docs/DECISIONS.md``):
 
@@ -188,7 +188,7 @@ class ARCEvaluatorConfig(EvaluatorConfig):
 
 @EVALUATORS.register("arc")
 class ARC:
-    """Majority vote over augmented variants, pass@K and ``submission.json`` (spec §7).
+    """Majority vote over augmented variants, pass@K and ``submission.json``, as upstream's ``ARC``.
 
     ``config``: ``submission_K`` attempts per test pair, ``pass_Ks``, ``aggregated_voting``.
     ``data_paths``: dataset folders holding ``identifiers.json`` and ``test_puzzles.json``;

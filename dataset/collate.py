@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dataset.common import DataError, IGNORE_LABEL_ID, PuzzleDatasetMetadata
+from dataset.common import IGNORE_LABEL_ID, DataError, PuzzleDatasetMetadata
 from dataset.reader import PuzzleReader, SetData
 from dataset.sampling import BatchRows
 from utils.registry import Registry

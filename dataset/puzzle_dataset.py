@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import IterableDataset, get_worker_info
 
 from dataset.collate import DEFAULT_FIELDS, Collator, resolve_fields
-from dataset.common import DataError, IGNORE_LABEL_ID
+from dataset.common import IGNORE_LABEL_ID, DataError
 from dataset.reader import PuzzleReader
 from dataset.sampling import SAMPLERS, SetPlan
 

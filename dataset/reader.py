@@ -22,7 +22,7 @@ from typing import IO, Any, Literal
 import numpy as np
 from pydantic import ValidationError
 
-from dataset.common import DataError, FIELDS, PuzzleDatasetMetadata
+from dataset.common import FIELDS, DataError, PuzzleDatasetMetadata
 
 # The per-example fields, gathered row by row; the other FIELDS are index arrays held in memory.
 TOKEN_FIELDS = ("inputs", "labels")

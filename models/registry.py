@@ -9,7 +9,8 @@ from __future__ import annotations
 from torch import nn
 
 from models.arch_config import ARCH_CONFIGS, ArchConfig
-from models.recursive_reasoning.common import ACTModel, ModelDims
+from models.recursive_reasoning.act import ACTModel
+from models.recursive_reasoning.common import ModelDims
 from models.sparse_embedding import CastedSparseEmbedding
 from utils.registry import Registry
 

@@ -17,7 +17,8 @@ import torch
 
 from models.arch_config import ARCH_CONFIGS
 from models.losses import ACTLossHead, LossOutput
-from models.recursive_reasoning.common import ModelDims, record_steps
+from models.recursive_reasoning.common import ModelDims
+from models.recursive_reasoning.recording import record_steps
 from models.registry import MODELS, build_loss_head, describe_model
 from training.config import load_pretrain_config
 from utils.checkpoint import CheckpointMismatchError, load_model_weights, read_state_dict

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from models.layers import SwiGLU, rms_norm
-from models.recursive_reasoning.common import ModelDims, record_steps
+from models.recursive_reasoning.common import ModelDims
 from models.recursive_reasoning.configs import TRMConfig
+from models.recursive_reasoning.recording import record_steps
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
 from tests.reference_models import trm_recursion_by_hand
 

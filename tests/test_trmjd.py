@@ -25,8 +25,10 @@ from models.losses import (
     stablemax_cross_entropy,
     sum_row_metrics,
 )
-from models.recursive_reasoning.common import ACTCarry, ModelDims, record_steps
+from models.recursive_reasoning.act import ACTCarry
+from models.recursive_reasoning.common import ModelDims
 from models.recursive_reasoning.configs import TRMConfig, TRMJDConfig
+from models.recursive_reasoning.recording import record_steps
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
 from models.recursive_reasoning.trmjd import TinyRecursiveReasoningModelJD_V1, perturb_carry
 from models.registry import MODELS

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.losses import LossOutput
-from models.recursive_reasoning.common import ACTCarry
+from models.recursive_reasoning.act import ACTCarry
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from torch import nn
 from dataset.puzzle_dataset import PuzzleDataset
 from models.ema import EMAHelper, unwrap_module
 from models.family import Capabilities, ModelFamily, family_of
-from models.recursive_reasoning.common import ACTCarry, ModelDims
+from models.recursive_reasoning.act import ACTCarry
+from models.recursive_reasoning.common import ModelDims
 from training.config import PretrainConfig, check_world_size
 from training.optimizers import NamedOptimizer, apply_run_hyperparameters, build_optimizers
 from utils import checkpoint as ckpt

@@ -21,7 +21,7 @@ from torch import nn
 
 from models.family import Capabilities, ModelFamily
 from models.losses import LossOutput
-from models.recursive_reasoning.common import perturb_carry
+from models.recursive_reasoning.act import perturb_carry
 from training import jd
 from training.config import PretrainConfig
 from utils.distributed import all_reduce_sum_

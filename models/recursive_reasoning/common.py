@@ -1,17 +1,19 @@
-"""What every recursive-reasoning architecture shares: blocks, input embedding, carry, ACT.
+"""What every recursive-reasoning architecture shares: blocks, input embedding and heads.
 
 An architecture is an ``_Inner`` module (one supervision step of recursion, subclassing
 ``RecursiveInner``) wrapped by ``ACTModel`` (adaptive computation time over supervision steps,
-with the carry that persists across batches). Module and buffer names follow upstream so that
-its checkpoints load: ``inner.embed_tokens``, ``inner.lm_head``, ``inner.q_head``,
-``inner.puzzle_emb``, ``inner.rotary_emb``/``inner.embed_pos``, ``inner.L_level.layers.N``...
+with the carry that persists across batches; ``models.recursive_reasoning.act``). Module and
+buffer names follow upstream so that its checkpoints load: ``inner.embed_tokens``,
+``inner.lm_head``, ``inner.q_head``, ``inner.puzzle_emb``, ``inner.rotary_emb`` /
+``inner.embed_pos``, ``inner.L_level.layers.N``...
 
 Seams for the roadmap:
 * conditioning: ``RecursiveInner.condition(batch)`` produces the prefix tokens [B, P, D]; the
   puzzle embedding is today's implementation, a demonstration encoder can override it;
-* recording: ``record_steps(model, rows=..., latents=..., decode=...)`` collects every latent
-  update of a forward without gradients, for step-by-step tracing: by default only what the LM
-  head predicts from each latent, for the rows asked for.
+* recording (``models.recursive_reasoning.recording``): ``record_steps(model, rows=...,
+  latents=..., decode=...)`` collects every latent update of a forward without gradients, for
+  step-by-step tracing: by default only what the LM head predicts from each latent, for the
+  rows asked for.
 
 Each inner model's ``forward`` returns an ``InnerOutput``; ``ACTModel`` turns it into the
 outputs dict the loss head reads (upstream ``models/recursive_reasoning/trm.py``,
@@ -20,11 +22,9 @@ outputs dict the loss head reads (upstream ``models/recursive_reasoning/trm.py``
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ from models.layers import (
     rms_norm,
 )
 from models.recursive_reasoning.configs import ACTArchConfig
+from models.recursive_reasoning.recording import RecordingSite
 from models.sparse_embedding import CastedSparseEmbedding
 
 Batch = dict[str, torch.Tensor]
@@ -154,112 +155,9 @@ class ReasoningModule(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Recording (tracing seam)
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepRecord:
-    """One latent update, R the recorded rows (all B unless ``record_steps`` got ``rows``).
-
-    * ``name``: the latent updated (``"z_H"``, ``"z_L"``, ``"z_L3"``...);
-    * ``h_cycle``: its outer (H) cycle; ``l_step``: its inner (L) step, None for an H update;
-    * ``value``: the new latent [R, P + S, D], detached, in the forward dtype (only with
-      ``latents=True``, else None);
-    * ``preds``: ``argmax(lm_logits(latent))`` int64 [R, S], what the LM head would predict from
-      this latent, prefix dropped (only with ``decode=True``, else None).
-    """
-
-    name: str
-    h_cycle: int
-    l_step: int | None
-    value: torch.Tensor | None
-    preds: torch.Tensor | None
-
-
-Decoder = Callable[[torch.Tensor], torch.Tensor]  # latent [R, P + S, D] → logits [R, S, V]
-
-
-@dataclass
-class StepRecorder:
-    """Collects the latent updates of the forwards run inside ``record_steps``.
-
-    ``act_steps[k]`` lists the updates of the k-th supervision step, in execution order.
-    ``rows`` (int64 [R] or None for every row), ``latents`` and ``decode`` say what each
-    ``StepRecord`` keeps.
-    """
-
-    rows: torch.Tensor | None = None
-    latents: bool = False
-    decode: bool = True
-    act_steps: list[list[StepRecord]] = field(default_factory=list)
-
-    def start_step(self) -> None:
-        self.act_steps.append([])
-
-    def add(
-        self,
-        name: str,
-        h_cycle: int,
-        l_step: int | None,
-        latent: torch.Tensor,
-        decoder: Decoder,
-    ) -> None:
-        """Record ``latent`` [B, P + S, D]; ``decoder`` maps latents to logits [R, S, V]."""
-        if not self.act_steps:
-            self.start_step()
-        with torch.no_grad():
-            z = latent.detach()
-            if self.rows is not None:
-                z = z.index_select(0, self.rows.to(z.device))  # a copy of the rows
-            elif self.latents:
-                z = z.clone()
-            value = z if self.latents else None
-            preds = decoder(z).argmax(-1) if self.decode else None
-        self.act_steps[-1].append(StepRecord(name, h_cycle, l_step, value, preds))
-
-
-@contextlib.contextmanager
-def record_steps(
-    model: nn.Module,
-    rows: torch.Tensor | None = None,
-    latents: bool = False,
-    decode: bool = True,
-) -> Iterator[StepRecorder]:
-    """Record every latent update of every forward of ``model`` (any module holding a
-    ``RecursiveInner``), for the batch rows ``rows`` (a 1-D integer index tensor [R]; None
-    records all B).
-
-    ``latents=True`` keeps each latent [R, P + S, D]; ``decode=True`` (the default) keeps the LM
-    head's prediction from it, int64 [R, S] over the grid tokens, decoded by the inner model's
-    own ``lm_logits``. So by default no [B, P + S, D] latent outlives its step. Recording runs
-    under ``torch.no_grad()`` and consumes no random numbers: the model computes exactly what it
-    would without the recorder, outputs and gradients alike.
-    """
-    if rows is not None and (
-        rows.ndim != 1 or rows.dtype == torch.bool or rows.is_floating_point() or rows.is_complex()
-    ):
-        raise ValueError(
-            f"rows must be a 1-D integer index tensor, got {rows.dtype} of shape "
-            f"{tuple(rows.shape)}"
-        )
-    inners = [m for m in model.modules() if isinstance(m, RecursiveInner)]
-    if not inners:
-        raise ValueError(f"{type(model).__name__} has no recursive inner model to record")
-    recorder = StepRecorder(
-        rows=None if rows is None else rows.to(torch.long), latents=latents, decode=decode
-    )
-    for inner in inners:
-        inner._recorder = recorder
-    try:
-        yield recorder
-    finally:
-        for inner in inners:
-            inner._recorder = None
-
-
-# ----------------------------------------------------------------------------------------------
 # Inner model base
 # ----------------------------------------------------------------------------------------------
-class RecursiveInner(nn.Module):
+class RecursiveInner(RecordingSite):
     """Embeddings, heads and conditioning of one recursive model; subclasses define
     ``empty_carry``, ``reset_carry`` and ``forward``.
 
@@ -276,7 +174,6 @@ class RecursiveInner(nn.Module):
             config.puzzle_emb_ndim, config.hidden_size, puzzle_emb_len
         )
         self.total_seq_len = dims.seq_len + self.puzzle_emb_len
-        self._recorder: StepRecorder | None = None
 
         D = config.hidden_size
         self.embed_scale = math.sqrt(D)
@@ -375,15 +272,6 @@ class RecursiveInner(nn.Module):
         q_halt, q_continue = self.q_logits(z_H)
         return InnerOutput(carry, logits, q_halt, q_continue)
 
-    def record(self, name: str, h_cycle: int, l_step: int | None, value: torch.Tensor) -> None:
-        """Hand the latent ``value`` [B, P + S, D] to the active recorder, if any."""
-        if self._recorder is not None:
-            self._recorder.add(name, h_cycle, l_step, value, self.lm_logits)
-
-    def start_record_step(self) -> None:
-        if self._recorder is not None:
-            self._recorder.start_step()
-
     def empty_latent(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         return torch.empty(
             batch_size, self.total_seq_len, self.config.hidden_size,
@@ -408,182 +296,3 @@ class RecursiveInner(nn.Module):
     def forward(self, carry: InnerCarry, batch: Batch) -> InnerOutput:
         """One supervision step from ``carry`` on ``batch`` (inputs [B, S])."""
         raise NotImplementedError
-
-
-# ----------------------------------------------------------------------------------------------
-# ACT wrapper
-# ----------------------------------------------------------------------------------------------
-@dataclass
-class ACTCarry:
-    """The state that persists across batches: latents, steps taken, halted flags, and the data
-    each slot is working on (inputs, labels, puzzle_identifiers)."""
-
-    inner_carry: InnerCarry
-    steps: torch.Tensor  # int32 [B]
-    halted: torch.Tensor  # bool [B]
-    current_data: Batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain tensors, loadable with ``torch.load(weights_only=True)``."""
-        return {
-            "inner_carry": dict(self.inner_carry),
-            "steps": self.steps,
-            "halted": self.halted,
-            "current_data": dict(self.current_data),
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> ACTCarry:
-        return cls(
-            inner_carry=dict(state["inner_carry"]),
-            steps=state["steps"],
-            halted=state["halted"],
-            current_data=dict(state["current_data"]),
-        )
-
-
-class ACTModel(nn.Module):
-    """Adaptive computation time around an inner model (one call = one supervision step).
-
-    1. Halted slots restart: latents from the init buffers, steps 0, data from the new batch;
-       running slots keep their data (the new batch's samples at those slots are not used).
-    2. One inner step; ``steps += 1``; a slot halts at ``halt_max_steps``.
-    3. Training only (and ``halt_max_steps > 1``): also halt when ``q_halt > 0``
-       (``no_ACT_continue``) or ``q_halt > q_continue``; exploration forces, with probability
-       ``halt_exploration_prob``, a minimum step count uniform in [2, halt_max_steps]. Without
-       ``no_ACT_continue`` the Q-continue target is bootstrapped from one more inner step.
-    4. Evaluation runs every step, unless ``halt_at_eval`` lets slots stop on the Q head.
-
-    Subclasses set ``inner_cls`` and may override ``computes_target_q``.
-    """
-
-    inner: RecursiveInner
-
-    def __init__(self, config: ACTArchConfig, inner: RecursiveInner) -> None:
-        super().__init__()
-        self.config = config
-        self.inner = inner
-
-    @property
-    def puzzle_emb(self) -> nn.Module:
-        return self.inner.puzzle_emb
-
-    @property
-    def no_ACT_continue(self) -> bool:
-        return self.config.no_ACT_continue
-
-    def computes_target_q(self) -> bool:
-        return not self.no_ACT_continue
-
-    def initial_carry(self, batch: Batch) -> ACTCarry:
-        """All slots halted, so the first call loads the batch into every slot."""
-        B = batch["inputs"].shape[0]
-        device = batch["inputs"].device
-        return ACTCarry(
-            inner_carry=self.inner.empty_carry(B, device),
-            steps=torch.zeros(B, dtype=torch.int32, device=device),
-            halted=torch.ones(B, dtype=torch.bool, device=device),
-            current_data={k: torch.empty_like(v) for k, v in batch.items()},
-        )
-
-    def _halt_signal(self, q_halt: torch.Tensor, q_continue: torch.Tensor) -> torch.Tensor:
-        return q_halt > 0 if self.no_ACT_continue else q_halt > q_continue
-
-    def _explore(
-        self, steps: torch.Tensor, halted: torch.Tensor, like: torch.Tensor
-    ) -> torch.Tensor:
-        """Exploration: with probability ``halt_exploration_prob`` a slot must reach a minimum
-        step count drawn uniformly from [2, halt_max_steps] (redrawn at every step)."""
-        explore = torch.rand_like(like) < self.config.halt_exploration_prob
-        min_steps = explore * torch.randint_like(steps, low=2, high=self.config.halt_max_steps + 1)
-        return halted & (steps >= min_steps)
-
-    def _target_q(
-        self, is_last_step: torch.Tensor, inner_carry: InnerCarry, current_data: Batch
-    ) -> torch.Tensor:
-        """Bootstrapped Q-continue target from one more inner step (no replay buffer or target
-        network: the many parallel slots play the role of environments)."""
-        recorder, self.inner._recorder = self.inner._recorder, None
-        try:
-            following: InnerOutput = self.inner(inner_carry, current_data)
-        finally:
-            self.inner._recorder = recorder
-        q_halt, q_continue = following.q_halt, following.q_continue
-        return torch.sigmoid(torch.where(is_last_step, q_halt, torch.maximum(q_halt, q_continue)))
-
-    def update_halting(
-        self,
-        steps: torch.Tensor,
-        inner_carry: InnerCarry,
-        current_data: Batch,
-        outputs: dict[str, Any],
-    ) -> torch.Tensor:
-        """The halted flags after a step (under no_grad); may add ``target_q_continue``."""
-        q_halt, q_continue = outputs["q_halt_logits"], outputs["q_continue_logits"]
-        is_last_step = steps >= self.config.halt_max_steps
-        halted = is_last_step
-        if self.training and self.config.halt_max_steps > 1:
-            halted = self._explore(steps, halted | self._halt_signal(q_halt, q_continue), q_halt)
-            if self.computes_target_q():
-                outputs["target_q_continue"] = self._target_q(
-                    is_last_step, inner_carry, current_data
-                )
-        elif not self.training and self.config.halt_at_eval:
-            halted = halted | self._halt_signal(q_halt, q_continue)
-        return halted
-
-    def step_outputs(self, inner_carry: InnerCarry, inner_output: InnerOutput) -> dict[str, Any]:
-        """The outputs dict the loss head reads, from the inner model's ``InnerOutput``:
-        ``logits`` [B, S, V], ``q_halt_logits`` and ``q_continue_logits`` [B], and
-        ``cycle_logits`` (T + 1 × [B, S, V]) when the inner model reports them.
-        ``inner_carry`` is the (reset) carry the step started from. Subclasses may add
-        entries."""
-        outputs: dict[str, Any] = {
-            "logits": inner_output.logits,
-            "q_halt_logits": inner_output.q_halt,
-            "q_continue_logits": inner_output.q_continue,
-        }
-        if inner_output.cycle_logits is not None:
-            outputs["cycle_logits"] = inner_output.cycle_logits
-        return outputs
-
-    def forward(self, carry: ACTCarry, batch: Batch) -> tuple[ACTCarry, dict[str, Any]]:
-        halted = carry.halted
-        inner_carry = self.inner.reset_carry(halted, carry.inner_carry)
-        steps = torch.where(halted, 0, carry.steps)
-        current_data = {
-            k: torch.where(halted.view(-1, *([1] * (batch[k].ndim - 1))), batch[k], v)
-            for k, v in carry.current_data.items()
-        }
-
-        self.inner.start_record_step()
-        inner_output: InnerOutput = self.inner(inner_carry, current_data)
-        outputs = self.step_outputs(inner_carry, inner_output)
-
-        with torch.no_grad():
-            steps = steps + 1
-            new_halted = self.update_halting(steps, inner_output.carry, current_data, outputs)
-        return ACTCarry(inner_output.carry, steps, new_halted, current_data), outputs
-
-
-def perturb_carry(
-    carry: ACTCarry, rate: float, generator: torch.Generator | None = None
-) -> ACTCarry:
-    """A copy of ``carry`` with ``z += rate·ε``, ε ~ N(0, 1) i.i.d., on every latent.
-
-    The JD fork's perturbation between stacked supervision steps (on ``z_H`` and ``z_L`` there;
-    here on every latent of the architecture). Carried logits (``output_logits``), steps,
-    halted flags and data are shared with ``carry``, which is not modified. The noise is drawn
-    in float32 from ``generator`` (on the generator's device, then moved), added in float32 and
-    cast back to the latent's dtype.
-    """
-    inner = dict(carry.inner_carry)
-    for name, z in carry.inner_carry.items():
-        if name == "output_logits":
-            continue
-        noise_device = generator.device if generator is not None else z.device
-        noise = torch.randn(
-            z.shape, generator=generator, dtype=torch.float32, device=noise_device
-        ).to(z.device)
-        inner[name] = (z.to(torch.float32) + rate * noise).to(z.dtype)
-    return replace(carry, inner_carry=inner)

@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import torch
 
+from models.recursive_reasoning.act import ACTModel
 from models.recursive_reasoning.common import (
-    ACTModel,
     Batch,
     InnerCarry,
     InnerOutput,

@@ -13,8 +13,8 @@ from typing import ClassVar
 import torch
 
 from models.layers import CosSin
+from models.recursive_reasoning.act import ACTModel
 from models.recursive_reasoning.common import (
-    ACTModel,
     Batch,
     InnerCarry,
     InnerOutput,

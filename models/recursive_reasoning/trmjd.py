@@ -25,15 +25,8 @@ from typing import Any
 import torch
 
 from models.common import trunc_normal_init_
-from models.recursive_reasoning.common import (
-    ACTCarry,
-    ACTModel,
-    Batch,
-    InnerCarry,
-    InnerOutput,
-    ModelDims,
-    perturb_carry,
-)
+from models.recursive_reasoning.act import ACTCarry, ACTModel, perturb_carry
+from models.recursive_reasoning.common import Batch, InnerCarry, InnerOutput, ModelDims
 from models.recursive_reasoning.configs import TRMJDConfig
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1_Inner
 from models.registry import MODELS

@@ -176,7 +176,7 @@ def _load_test_puzzles(data_paths: list[str]) -> dict[str, Any]:
 class ARCEvaluatorConfig(EvaluatorConfig):
     """ARC voting evaluator options (upstream ``evaluators/arc.py``, class ``ARC``)."""
 
-    name: str = "arc"
+    name: str = Field("arc", description="evaluator: arc (upstream's name arc@ARC is an alias)")
     submission_K: int = Field(2, ge=1, description="attempts per test pair in submission.json")
     pass_Ks: list[int] = Field(
         default_factory=lambda: [1, 2, 5, 10, 100, 1000], description="K of the pass@K metrics"

@@ -1,6 +1,6 @@
 """Config schemas of Jacobian-descent training: ``objective=<mode>`` and ``aggregator=<name>``.
 
-Plain pydantic (no torch import), so that configuration stays fast; ``utils/jd.py`` does the
+Plain pydantic (no torch import), so that configuration stays fast; ``training.jd`` does the
 work. See that module's docstring for what the fields mean.
 """
 
@@ -24,25 +24,53 @@ class ObjectiveSpec(StrictModel):
     step's token losses divided by their number, as the fork). ``internal``: the per-H-cycle
     losses of ``arch=trmjd`` (weighted by ``intermediate_loss_weight``) join the final loss
     (``with_final``) or replace it (``only``). ``method`` picks how the Gramian is computed
-    (``auto``: the cheapest exact way, see ``utils/jd.py``). ``gramian``: ``full`` forms it from
+    (``auto``: the cheapest exact way, see ``training.jd``). ``gramian``: ``full`` forms it from
     the gradients of every weight (Jacobian descent); ``heads`` from those of the output heads
     ``lm_head``/``q_head`` only (partial Jacobian descent: the weights resolve conflicts seen in
     the heads, each objective costs a backward through the heads alone, and the update is one
     full weighted backward).
     """
 
-    name: str = "sum"
-    keep: list[Axis] = Field(default_factory=list)
-    halt: Literal["in", "out", "separate", "drop"] = "in"
+    name: str = Field(
+        "sum", description="the spec's name (config/objective/<name>.yaml), used in messages"
+    )
+    keep: list[Axis] = Field(
+        default_factory=list,
+        description="axes that index objectives (supervision, cycle, sample, pixel); the rest "
+        "are summed",
+    )
+    halt: Literal["in", "out", "separate", "drop"] = Field(
+        "in",
+        description="halting loss: in (spread evenly over its sample's objectives), out (one "
+        "objective per sample), separate (one objective), drop (not trained)",
+    )
     groups: int | None = Field(None, ge=1, description="random grouping into k objectives")
-    supervisions: Literal["one", "stacked"] = "one"
-    internal: Literal["none", "with_final", "only"] = "none"
-    intermediate_loss_weight: float = Field(1e-4, ge=0)
+    supervisions: Literal["one", "stacked"] = Field(
+        "one",
+        description="one supervision step per optimizer step, or halt_max_steps steps stacked "
+        "on the same batch",
+    )
+    internal: Literal["none", "with_final", "only"] = Field(
+        "none",
+        description="per-H-cycle losses (arch=trmjd): none, added to the final loss "
+        "(with_final), or instead of it (only)",
+    )
+    intermediate_loss_weight: float = Field(
+        1e-4, ge=0, description="factor on each per-H-cycle loss (default: the fork's)"
+    )
     carry_perturbation_rate: float = Field(
         1e-3, ge=0, description="std of the noise on the latents between stacked steps (the fork's)"
     )
-    method: Literal["auto", "rows", "per_sample", "autogram"] = "auto"
-    gramian: Literal["full", "heads"] = "full"
+    method: Literal["auto", "rows", "per_sample", "autogram"] = Field(
+        "auto",
+        description="how the Gramian is computed: auto (the cheapest exact way), rows, "
+        "per_sample, autogram",
+    )
+    gramian: Literal["full", "heads"] = Field(
+        "full",
+        description="full: from every weight's gradients; heads: from lm_head/q_head only "
+        "(partial Jacobian descent)",
+    )
 
     @property
     def is_gradient_descent(self) -> bool:
@@ -170,8 +198,14 @@ _AGGREGATOR_ALIASES = {
 class AggregatorConfig(StrictModel):
     """``aggregator=<name>``: a TorchJD aggregator and its constructor's options."""
 
-    name: str = "upgrad"
-    options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(
+        "upgrad",
+        description="TorchJD aggregator (config/aggregator/<name>.yaml; its class name is an "
+        "alias)",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the TorchJD class's constructor"
+    )
 
     @model_validator(mode="before")
     @classmethod

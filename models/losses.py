@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from dataset.common import IGNORE_LABEL_ID  # also importable from here, as in upstream
 from models.arch_config import LOSS_HEAD_ALIASES
 from utils.registry import Registry
+from utils.schema import ConfigError
 
 HALT_LOSS_WEIGHT = 0.5  # upstream: lm_loss + 0.5 · (q_halt_loss + q_continue_loss)
 
@@ -256,7 +257,7 @@ class ACTLossHead(nn.Module):
     ``differential_loss`` (the JD fork's flag, off by default): the LM loss is computed on
     ``logits − outputs["previous_logits"]``, the previous supervision step's detached final
     logits carried by the model (its init buffer for a slot that just started); predictions
-    and metrics still use the logits themselves. A model without them raises ``ValueError``.
+    and metrics still use the logits themselves. A model without them raises ``ConfigError``.
     """
 
     has_halting: ClassVar[bool] = True
@@ -282,7 +283,7 @@ class ACTLossHead(nn.Module):
 
     def _previous_logits(self, outputs: dict[str, Any]) -> Tensor:
         if "previous_logits" not in outputs:
-            raise ValueError(
+            raise ConfigError(
                 f"differential_loss=True needs a model that carries its previous step's logits "
                 f"(carry['output_logits'], e.g. arch=trmjd); {type(self.model).__name__} does "
                 f"not: set arch.loss.differential_loss=False"
@@ -395,14 +396,14 @@ class NoACTLossHead(ACTLossHead):
     As ``ACTLossHead`` (final logits = the last per-cycle logits), except that nothing is
     learnt about halting: ``q_halt_loss`` is zeros [B] without grad, ``q_continue_loss`` None,
     no ``q_halt_accuracy`` metric, ``has_halting`` False. The model must output
-    ``cycle_logits`` (``ValueError`` otherwise), so ``internal_token_loss`` is always filled.
+    ``cycle_logits`` (``ConfigError`` otherwise), so ``internal_token_loss`` is always filled.
     """
 
     has_halting: ClassVar[bool] = False
 
     def _cycle_logits(self, outputs: dict[str, Any]) -> list[Tensor]:
         if "cycle_logits" not in outputs:
-            raise ValueError(
+            raise ConfigError(
                 f"NoACTLossHead needs a model with per-H-cycle logits (outputs['cycle_logits'], "
                 f"e.g. arch=trmjd); {type(self.model).__name__} has none: use ACTLossHead"
             )

@@ -238,3 +238,28 @@ def test_layers_import_only_downward(package: str) -> None:
         for path in sorted((REPO / package).rglob("*.py"))
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_step_strategy_can_be_named_and_is_checked(arc_data: Path, tmp_path: Path) -> None:  # noqa: F811
+    named = make_config(arc_data, tmp_path, "objective=iwrm_with_q_halt_in",
+                        "step_strategy=jacobian_descent")  # fmt: skip
+    assert strategy_name(named) == "jacobian_descent"
+    with pytest.raises(UserError, match="step_strategy: unknown step strategy 'newton'"):
+        strategy_name(make_config(arc_data, tmp_path, "step_strategy=newton"))
+    ignoring = make_config(arc_data, tmp_path, "objective=iwrm_with_q_halt_in",
+                           "step_strategy=gradient_descent")  # fmt: skip
+    with pytest.raises(UserError, match="would ignore objective 'iwrm_with_q_halt_in'"):
+        strategy_name(ignoring)
+
+
+def test_an_unknown_sampler_is_one_user_error(arc_data: Path, tmp_path: Path) -> None:  # noqa: F811
+    config = make_config(arc_data, tmp_path, "sampler=weighted", "max_steps=1")
+    with pytest.raises(UserError, match="sampler: unknown sampler 'weighted'; choose one of"):
+        train(config)
+
+
+def test_naming_the_uniform_sampler_changes_nothing(arc_data: Path, tmp_path: Path) -> None:  # noqa: F811
+    train(make_config(arc_data, tmp_path / "a", "max_steps=2"))
+    train(make_config(arc_data, tmp_path / "b", "max_steps=2", "sampler=uniform"))
+    strip = lambda run: [m for m in metric_lines(run) if "train/lm_loss" in m]  # noqa: E731
+    assert strip(tmp_path / "a") == strip(tmp_path / "b")

@@ -100,6 +100,14 @@ class PretrainConfig(StrictModel):
     )
     grad_clip_norm: float | None = Field(None, gt=0, description="None: no clipping (upstream)")
     data_workers: int = Field(1, ge=0, le=1, description="DataLoader workers (upstream: 1)")
+    sampler: str | None = Field(
+        None, description="training sampler (dataset.sampling.SAMPLERS); None: uniform (upstream)"
+    )
+    step_strategy: str = Field(
+        "auto",
+        description="training.strategies.STEP_STRATEGIES entry; auto: gradient_descent for "
+        "objective=sum, jacobian_descent otherwise",
+    )
     objective: ObjectiveSpec = Field(
         default_factory=ObjectiveSpec, description="losses → objectives (Jacobian descent)"
     )

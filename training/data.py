@@ -28,6 +28,7 @@ def create_dataloader(
             rank=dist_info.rank,
             num_replicas=dist_info.world_size,
             fields=list(family_of(config.arch).batch_fields),
+            sampler=None if test_set_mode else config.sampler,
         ),
         split=split,
     )

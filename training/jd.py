@@ -55,6 +55,7 @@ from training.objectives import (
     ObjectiveSpec,
     partial_jd_problem,
 )
+from utils.schema import ConfigError
 
 NORM_EPS = 1e-4  # TorchJD's QuadprogProjector threshold on trace(G)
 MAX_ROWS = 512  # objectives the rows provider differentiates one by one (each ≈ one backward)
@@ -148,7 +149,7 @@ def step_contributions(
         families.append(token_loss_BP / layout.S)
     if spec.internal != "none":
         if internal_BP is None:
-            raise ValueError(f"objective '{spec.name}' needs per-cycle losses: use arch=trmjd")
+            raise ConfigError(f"objective '{spec.name}' needs per-cycle losses: use arch=trmjd")
         families.extend(spec.intermediate_loss_weight * t / layout.S for t in internal_BP)
     x = torch.stack(families, dim=1)  # [B, C, P]
     if "cycle" not in spec.keep:
@@ -205,12 +206,12 @@ def build_aggregator(config: AggregatorConfig, m: int) -> Any:
     try:
         return cls(**options)
     except ImportError as e:
-        raise ValueError(
+        raise ConfigError(
             f"aggregator '{config.name}' needs an optional TorchJD extra ({e}); "
             "pip install 'torchjd[full]'"
         ) from None
     except TypeError as e:
-        raise ValueError(f"aggregator '{config.name}': bad options {options} ({e})") from None
+        raise ConfigError(f"aggregator '{config.name}': bad options {options} ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +327,7 @@ def weights_from(
     if kind == "gramian":
         return aggregator(G.to(torch.float32)).to(G.dtype), None
     if J is None:
-        raise ValueError(
+        raise ConfigError(
             "this aggregator needs the Jacobian: use objective method 'rows' or 'per_sample'"
         )
     update = aggregator(J)
@@ -368,17 +369,17 @@ class JacobianDescent:
         uncollected = list(per_sample.uncollected_parameters(model))
         self.per_sample_ready = not uncollected
         if spec.method == "per_sample" and uncollected:
-            raise ValueError(
+            raise ConfigError(
                 f"objective.method per_sample: parameters {uncollected[:3]} are not owned by a "
                 "CastedLinear or CastedEmbedding, so they get no per-sample gradient; use "
                 "method auto, rows or autogram"
             )
         problem = partial_jd_problem(spec, aggregator)
         if problem is not None:
-            raise ValueError(problem)
+            raise ConfigError(problem)
         self.heads = head_parameters(model) if spec.gramian == "heads" else []
         if spec.gramian == "heads" and not self.heads:
-            raise ValueError("objective.gramian heads: the model has no lm_head or q_head")
+            raise ConfigError("objective.gramian heads: the model has no lm_head or q_head")
 
     def method(self, layout: Layout) -> str:
         """The cheapest exact provider for this spec (unless the spec names one).
@@ -439,10 +440,10 @@ class JacobianDescent:
             gram = _heads(steps, layout, self.heads, grouping, shared, all_reduce)
         elif method == "autogram":
             if kind != "gramian":
-                raise ValueError(f"aggregator '{self.aggregator_config.name}' needs method rows")
+                raise ConfigError(f"aggregator '{self.aggregator_config.name}' needs method rows")
             gram = _autogram(steps, layout, self.engine(), grouping)
         else:
-            raise ValueError(f"unknown Jacobian method '{method}'")
+            raise ConfigError(f"unknown Jacobian method '{method}'")
         t1 = time.perf_counter()
         w, update = weights_from(gram.G, aggregator, kind, gram.J)
         t2 = time.perf_counter()
@@ -471,7 +472,7 @@ def _rows(
     """One ``autograd.grad`` per objective, each step's as soon as it has run."""
     m = layout.m if grouping is None else grouping.shape[1]
     if m > MAX_ROWS:
-        raise ValueError(
+        raise ConfigError(
             f"objective '{layout.spec.name}' has {m} objectives here, too many to "
             f"differentiate one by one (at most {MAX_ROWS}); group them with "
             "objective.groups=k (the fork's +grad_n_groups=k)"
@@ -539,7 +540,7 @@ def _per_sample(
     B, m_fine = layout.B, layout.m
     device = params[0].device
     if m_fine > MAX_ROWS:
-        raise ValueError(
+        raise ConfigError(
             f"objective '{layout.spec.name}' has {m_fine} per-sample objectives here, too "
             f"many to hold (at most {MAX_ROWS}); use method rows with objective.groups=k"
         )
@@ -578,7 +579,7 @@ def _per_sample(
     for p, g in stashed:
         p.grad = g
     if leaked:
-        raise ValueError(
+        raise ConfigError(
             f"objective.method per_sample: parameters of shapes {leaked[:3]} got a summed "
             "gradient (an op used them outside CastedLinear/CastedEmbedding); use method rows"
         )

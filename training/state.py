@@ -155,10 +155,12 @@ def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
 # Creation
 # ----------------------------------------------------------------------------------------------
 def seed_everything(config: PretrainConfig, rank: int) -> None:
+    """Seed torch and set the process-wide modes the config asks for, on or off (a run in a
+    process that ran another one, such as a test session, gets its own settings)."""
     torch.manual_seed(config.seed + rank)  # upstream: seed + RANK
     if config.deterministic:
-        torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(config.deterministic)
     torch.autograd.set_detect_anomaly(config.detect_anomaly)
 
 

@@ -4,9 +4,10 @@ The loop calls ``strategy.compute_gradients(state, batch, guard)``; each strateg
 forward(s), writes ``.grad`` and returns the last supervision step's ``LossOutput``, its own
 metrics and whether the gradients are already summed over ranks. The rest of the step
 (cross-rank reduction, norm, clipping, optimizers, EMA) is the same for all
-(``training.step``). Strategies register in ``STEP_STRATEGIES``; ``build_strategy`` picks one
-from the config (``objective=sum`` is gradient descent, every other objective Jacobian
-descent). Adding a strategy is one class plus a registration.
+(``training.step``). Strategies register in ``STEP_STRATEGIES``; ``build_strategy`` takes the
+one ``step_strategy`` names, or with ``auto`` picks by the objective (``objective=sum`` is
+gradient descent, every other objective Jacobian descent). Adding a strategy is one class plus
+a registration; ``step_strategy=<name>`` selects it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from training import jd
 from training.config import PretrainConfig
 from utils.distributed import all_reduce_sum_
 from utils.registry import Registry
+from utils.schema import ConfigError
 
 if TYPE_CHECKING:
     from training.state import TrainState
@@ -173,8 +175,19 @@ class JacobianDescent(StepStrategy):
 
 
 def strategy_name(config: PretrainConfig) -> str:
-    """The registered strategy the config asks for."""
-    return "gradient_descent" if config.objective.is_gradient_descent else "jacobian_descent"
+    """The registered strategy the config asks for (``step_strategy``, or by the objective)."""
+    if config.step_strategy == "auto":
+        return "gradient_descent" if config.objective.is_gradient_descent else "jacobian_descent"
+    try:
+        name = STEP_STRATEGIES.canonical(config.step_strategy)
+    except ValueError as e:
+        raise ConfigError(f"step_strategy: {e}") from None
+    if name == "gradient_descent" and not config.objective.is_gradient_descent:
+        raise ConfigError(
+            f"step_strategy gradient_descent would ignore objective '{config.objective.name}'; "
+            "use step_strategy=auto or objective=sum"
+        )
+    return name
 
 
 def build_strategy(

@@ -129,7 +129,7 @@ READABLE_FORMAT_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 MODEL_FILE = "model.pt"  # the loss head's state dict: model.inner.... (upstream's keys)
 EMA_FILE = "ema.pt"  # the EMA shadow of the trainable parameters, when ema=True
-TRAIN_FILE = "train_state.pt"  # optimizers, step, data position, EMA helper state
+TRAIN_FILE = "train_state.pt"  # optimizers by name, progress, strategy state, data position
 RANK_FILE = "rank_{rank}.pt"  # per-process carry and RNG states
 
 

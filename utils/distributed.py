@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from utils.schema import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -56,7 +58,7 @@ def init_distributed(device_preference: str = "auto") -> DistInfo:
         return DistInfo(device=select_device(device_preference))
     local_rank = int(os.environ["LOCAL_RANK"])
     if int(os.environ["WORLD_SIZE"]) > 1 and ":" in device_preference:
-        raise ValueError(
+        raise ConfigError(
             f"device={device_preference} names one device for every process; use device=auto "
             "or device=cuda under torchrun (each process takes its LOCAL_RANK's GPU)"
         )

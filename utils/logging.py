@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 import coolname
 from tqdm import tqdm
 
+from utils.schema import ConfigError
+
 WANDB_MODES = ("online", "offline", "disabled")
 LOGGER_KINDS = ("wandb", "wandb_offline", "none")
 _REQUESTED_MODES = {
@@ -47,7 +49,7 @@ def default_project_name(data_paths: Sequence[str]) -> str:
     ``["data/sudoku-extreme-1k-aug-1000/"]`` → ``"Sudoku-extreme-1k-aug-1000-ACT-torch"``.
     """
     if not data_paths:
-        raise ValueError("data_paths is empty: give at least one dataset folder")
+        raise ConfigError("data_paths is empty: give at least one dataset folder")
     return f"{os.path.basename(data_paths[0].rstrip('/' + os.sep)).capitalize()}-ACT-torch"
 
 
@@ -87,20 +89,20 @@ def resolve_wandb_mode(requested: str) -> str:
     a key raises, because wandb would then stop and prompt for a login.
     """
     if requested not in _REQUESTED_MODES:
-        raise ValueError(f"unknown W&B mode {requested!r}; choose one of {list(_REQUESTED_MODES)}")
+        raise ConfigError(f"unknown W&B mode {requested!r}; choose one of {list(_REQUESTED_MODES)}")
     mode = _REQUESTED_MODES[requested]
     if mode == "disabled":
         return mode
     env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if env_mode:
         if env_mode not in _ENV_MODES:
-            raise ValueError(f"WANDB_MODE={env_mode!r} is not one of {list(_ENV_MODES)}")
+            raise ConfigError(f"WANDB_MODE={env_mode!r} is not one of {list(_ENV_MODES)}")
         mode = _ENV_MODES[env_mode]
     has_key = _wandb_api_key_available()
     if mode == "auto":
         mode = "online" if has_key else "offline"
     if mode == "online" and not has_key:
-        raise ValueError(
+        raise ConfigError(
             "W&B online mode needs an API key: run `wandb login` or set WANDB_API_KEY, "
             "or log offline (WANDB_MODE=offline) and `wandb sync` later"
         )
@@ -189,7 +191,7 @@ class WandbLogger:
         mode: str,
     ) -> None:
         if mode not in WANDB_MODES:
-            raise ValueError(f"unknown W&B mode {mode!r}; choose one of {list(WANDB_MODES)}")
+            raise ConfigError(f"unknown W&B mode {mode!r}; choose one of {list(WANDB_MODES)}")
         import wandb
 
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -250,7 +252,7 @@ def build_logger(
     config in ``metrics.config.json``) plus, for ``wandb`` (online if a key is available, else
     offline) or ``wandb_offline``, a W&B run unless ``resolve_wandb_mode`` disables it."""
     if kind not in LOGGER_KINDS:
-        raise ValueError(f"unknown logger {kind!r}; choose one of {list(LOGGER_KINDS)}")
+        raise ConfigError(f"unknown logger {kind!r}; choose one of {list(LOGGER_KINDS)}")
     if not is_main:
         return NullLogger()
     jsonl = JsonlLogger(Path(run_dir) / "metrics.jsonl")

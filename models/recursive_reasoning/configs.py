@@ -42,7 +42,9 @@ class ACTArchConfig(ArchConfig):
     rms_norm_eps: float = Field(1e-5, gt=0, description="RMS norm epsilon")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
     no_ACT_continue: bool = Field(
-        False, description="halt on q_halt > 0 alone, no Q-continue target (TRM: True)"
+        False,
+        description="halt on q_halt > 0 alone instead of q_halt > q_continue; TRM (default "
+        "True there) then also skips the bootstrapped Q-continue target, HRM keeps it",
     )
     halt_at_eval: bool = Field(
         False, description="new: evaluation stops a sample once its Q head says halt"
@@ -157,3 +159,15 @@ class TransformerBaselineConfig(ACTArchConfig):
     compute_target_q: bool = Field(
         False, description="train q_continue on a bootstrapped target (upstream: never)"
     )
+
+    @model_validator(mode="after")
+    def _check_halting_keys(self) -> TransformerBaselineConfig:
+        # The baseline's own ACT switches replace the shared halting keys.
+        if self.halt_at_eval:
+            raise ValueError("transformers_baseline halts at evaluation with act_inference=True")
+        if self.no_ACT_continue:
+            raise ValueError(
+                "transformers_baseline always halts on q_halt > q_continue; no_ACT_continue "
+                "is not supported (compute_target_q trains q_continue)"
+            )
+        return self

@@ -47,6 +47,9 @@ that share one graph need k backward passes whatever the provider:
 times, and ``pixelwise{k}_ours_row_vs_gd_backward`` what each pixel-group row cost against GD's
 backward.
 The last line printed is one JSON object.
+
+One benchmark, one module: every configuration it times is here (past 400 lines) so that one
+run measures them all against the same gradient-descent baseline.
 """
 
 from __future__ import annotations

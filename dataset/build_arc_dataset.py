@@ -22,6 +22,9 @@ The build runs in two passes so that memory stays flat whatever ``--num-aug``: p
 augmentation plan of every task (a few bytes per variant), pass 2 encodes each task's variants in
 vectorised numpy and streams the rows to ``.npy`` files inside a temporary folder, renamed into
 place at the end.
+
+One module per builder, as upstream: planning, encoding and writing stay together (past 400
+lines) so the builder runs as ``python dataset/build_arc_dataset.py``.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ augmentations; all puzzle identifiers are 0.
 
 Every row is validated before anything is written: a bad row stops the build with one line that
 names the file and line (header = line 1), and no output folder is left behind.
+
+One module per builder, as upstream: its generator, reader, validator and writer stay together
+(past 400 lines) so the builder runs as ``python dataset/build_maze_dataset.py``.
 """
 
 from __future__ import annotations

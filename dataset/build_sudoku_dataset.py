@@ -21,6 +21,9 @@ Deliberate divergences from upstream: the subsample and the augmentations use se
 ``np.random.Generator`` streams (``--seed``) instead of the unseeded global NumPy RNG, inputs are
 validated (one-line errors naming the file and line), ``total_puzzles`` counts puzzles (upstream
 wrote the number of groups there), and a failed build leaves nothing on disk.
+
+One module per builder, as upstream: its generator, reader, validator and writer stay together
+(past 400 lines) so the builder runs as ``python dataset/build_sudoku_dataset.py``.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ Layout, per dataset path and split, whichever exists (the folder is preferred)::
 ``<field>`` is one of ``dataset.common.FIELDS``; the npz holds the same arrays under the keys
 ``<set>__<field>`` and ``<path>/<split>.json`` is that split's ``dataset.json``. Use the folder
 layout for large datasets: only it is memory-mapped.
+
+One module past 400 lines on purpose: the two layouts share every validation step, and the
+checks read best next to the reads they guard.
 """
 
 from __future__ import annotations

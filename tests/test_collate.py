@@ -13,15 +13,7 @@ from dataset.common import IGNORE_LABEL_ID
 from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from dataset.reader import PuzzleReader
 from dataset.sampling import BatchRows
-from tests.test_puzzle_dataset import PAD, SEQ_LEN, write_split
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    write_split(root, "train")
-    write_split(root, "test")
-    return root
+from tests.test_puzzle_dataset import PAD, SEQ_LEN
 
 
 def dataset(path: Path, test: bool = False, **changes: object) -> PuzzleDataset:

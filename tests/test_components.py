@@ -15,7 +15,7 @@ from models.arch_config import ARCH_CONFIGS
 from models.family import FAMILIES, family_of
 from models.recursive_reasoning.common import ModelDims
 from models.sparse_embedding import CastedSparseEmbedding
-from tests.test_training import arc_data, make_config, metric_lines, train  # noqa: F401
+from tests.test_training import make_config, metric_lines, train
 from training.rollout import rollout
 from training.strategies import STEP_STRATEGIES, strategy_name
 from utils import checkpoint as ckpt
@@ -82,7 +82,7 @@ def test_without_puzzle_embedding_there_is_no_table_group() -> None:
         family.optimizer_groups(head, freeze_weights=True)
 
 
-def test_the_loader_yields_exactly_the_family_batch_fields(arc_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_the_loader_yields_exactly_the_family_batch_fields(arc_data: Path, tmp_path: Path) -> None:
     from training.data import create_dataloader
     from utils.distributed import DistInfo
 
@@ -95,7 +95,7 @@ def test_the_loader_yields_exactly_the_family_batch_fields(arc_data: Path, tmp_p
 # ----------------------------------------------------------------------------------------------
 # Step strategies
 # ----------------------------------------------------------------------------------------------
-def test_strategies_are_chosen_from_the_objective(arc_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_strategies_are_chosen_from_the_objective(arc_data: Path, tmp_path: Path) -> None:
     assert STEP_STRATEGIES.names() == ["gradient_descent", "jacobian_descent"]
     assert strategy_name(make_config(arc_data, tmp_path)) == "gradient_descent"
     jd = make_config(arc_data, tmp_path, "objective=iwrm_with_q_halt_in")
@@ -107,7 +107,7 @@ def test_strategies_are_chosen_from_the_objective(arc_data: Path, tmp_path: Path
 # ----------------------------------------------------------------------------------------------
 # Train state and checkpoints
 # ----------------------------------------------------------------------------------------------
-def test_checkpoints_key_optimizers_by_group_name(arc_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_checkpoints_key_optimizers_by_group_name(arc_data: Path, tmp_path: Path) -> None:
     train(make_config(arc_data, tmp_path, "max_steps=1"))
     state = torch.load(tmp_path / "step_1" / ckpt.TRAIN_FILE, weights_only=True)
     assert list(state["optimizers"]) == ["puzzle_emb", "weights"]
@@ -130,7 +130,7 @@ def _downgrade_to_format_1(folder: Path) -> None:
     (folder / ckpt.META_FILE).write_text(json.dumps({**meta, "format_version": 1}))
 
 
-def test_a_format_1_checkpoint_resumes_bit_identically(arc_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_format_1_checkpoint_resumes_bit_identically(arc_data: Path, tmp_path: Path) -> None:
     train(make_config(arc_data, tmp_path / "a", "max_steps=4", "ema=True"))
     train(make_config(arc_data, tmp_path / "b", "max_steps=2", "ema=True"))
     _downgrade_to_format_1(tmp_path / "b" / "step_2")
@@ -144,7 +144,7 @@ def test_a_format_1_checkpoint_resumes_bit_identically(arc_data: Path, tmp_path:
 
 
 def test_a_format_1_checkpoint_with_other_optimizers_is_refused(
-    arc_data: Path,  # noqa: F811
+    arc_data: Path,
     tmp_path: Path,
 ) -> None:
     train(make_config(arc_data, tmp_path, "max_steps=1"))
@@ -240,7 +240,7 @@ def test_layers_import_only_downward(package: str) -> None:
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
-def test_step_strategy_can_be_named_and_is_checked(arc_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_step_strategy_can_be_named_and_is_checked(arc_data: Path, tmp_path: Path) -> None:
     named = make_config(arc_data, tmp_path, "objective=iwrm_with_q_halt_in",
                         "step_strategy=jacobian_descent")  # fmt: skip
     assert strategy_name(named) == "jacobian_descent"
@@ -252,13 +252,13 @@ def test_step_strategy_can_be_named_and_is_checked(arc_data: Path, tmp_path: Pat
         strategy_name(ignoring)
 
 
-def test_an_unknown_sampler_is_one_user_error(arc_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_an_unknown_sampler_is_one_user_error(arc_data: Path, tmp_path: Path) -> None:
     config = make_config(arc_data, tmp_path, "sampler=weighted", "max_steps=1")
     with pytest.raises(UserError, match="sampler: unknown sampler 'weighted'; choose one of"):
         train(config)
 
 
-def test_naming_the_uniform_sampler_changes_nothing(arc_data: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_naming_the_uniform_sampler_changes_nothing(arc_data: Path, tmp_path: Path) -> None:
     train(make_config(arc_data, tmp_path / "a", "max_steps=2"))
     train(make_config(arc_data, tmp_path / "b", "max_steps=2", "sampler=uniform"))
     strip = lambda run: [m for m in metric_lines(run) if "train/lm_loss" in m]  # noqa: E731

@@ -186,14 +186,6 @@ def assert_upstream_visits(
             start += added
 
 
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    write_split(root, "train")
-    write_split(root, "test")
-    return root
-
-
 # ----------------------------------------------------------------------------------------------
 # Train sampling
 # ----------------------------------------------------------------------------------------------

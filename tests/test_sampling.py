@@ -13,14 +13,6 @@ from dataset.sampling import SAMPLERS, BatchRows, Sampler, SetPlan, UniformSampl
 from tests.test_puzzle_dataset import make, one_iteration, upstream_plan, write_split
 
 
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    write_split(root, "train")
-    write_split(root, "test")
-    return root
-
-
 def config(path: Path, **changes: object) -> PuzzleDatasetConfig:
     fields: dict[str, object] = {
         "seed": 0,

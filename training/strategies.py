@@ -43,6 +43,9 @@ class Gradients:
     out: LossOutput  # the last supervision step's output (its metrics are logged)
     metrics: dict[str, float] = field(default_factory=dict)  # the strategy's own
     reduced_across_ranks: bool = False  # ``.grad`` already holds the sum over ranks
+    # 1.0 where this rank's loss was not finite and not yet checked: the step checks it with
+    # the metrics, in the same all-reduce and host read, before any optimizer update.
+    unchecked_non_finite: torch.Tensor | None = None
 
 
 class StepStrategy(ABC):
@@ -86,11 +89,10 @@ class GradientDescent(StepStrategy):
         out: LossOutput = state.model(carry=state.carry, batch=batch, return_keys=())
         state.carry = out.new_carry
         loss = out.total()
-        guard(loss)
         # The one place the loss is normalised: every rank divides its local sum by the global
         # batch size, and the SUM all-reduce of the gradients then gives the global mean.
         (loss / self.config.global_batch_size).backward()
-        return Gradients(out)
+        return Gradients(out, unchecked_non_finite=(~torch.isfinite(loss.detach())).float())
 
 
 @STEP_STRATEGIES.register("jacobian_descent")

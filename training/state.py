@@ -12,7 +12,7 @@ Components and where they are saved (``utils.checkpoint`` writes the files):
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,9 +32,17 @@ from utils.distributed import DistInfo, broadcast_tensors_
 
 
 class StepStrategy(Protocol):
-    """What the train state keeps of the step strategy (``training.strategies``)."""
+    """What the train state needs of a step strategy (``training.strategies``, which imports
+    this module, implements it)."""
 
     name: str
+
+    def compute_gradients(
+        self,
+        state: TrainState,
+        batch: dict[str, torch.Tensor],
+        guard: Callable[[torch.Tensor], None],
+    ) -> Any: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -49,7 +57,7 @@ class TrainState:
     family: ModelFamily
     capabilities: Capabilities
     optimizers: dict[str, NamedOptimizer] = field(default_factory=dict)
-    strategy: Any = None  # a training.strategies.StepStrategy; None when only evaluating
+    strategy: StepStrategy | None = None  # a training.strategies entry; None: only evaluating
     total_steps: int = 0
     step: int = 0
     iteration: int = 0  # completed train/eval cycles

@@ -69,13 +69,6 @@ def sum_over_ranks(metrics: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
     return dict(zip(keys, values.cpu().tolist(), strict=True))
 
 
-def reduce_metrics(
-    metrics: dict[str, torch.Tensor], global_batch_size: int, prefix: str
-) -> dict[str, float]:
-    """Sum over ranks; losses / global batch, the rest / count (upstream)."""
-    return normalize_metrics(sum_over_ranks(metrics, torch.float32), global_batch_size, prefix)
-
-
 def normalize_metrics(
     reduced: dict[str, float], global_batch_size: int, prefix: str
 ) -> dict[str, float]:

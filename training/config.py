@@ -100,6 +100,23 @@ class PretrainConfig(StrictModel):
     )
     grad_clip_norm: float | None = Field(None, gt=0, description="None: no clipping (upstream)")
     data_workers: int = Field(1, ge=0, le=1, description="DataLoader workers (upstream: 1)")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a NaN/inf loss or gradient norm: stop (before any update) or skip the "
+        "batch's update and go on",
+    )
+    nonfinite_max_skips: int = Field(
+        5, ge=1, description="nonfinite=skip: stop after this many skipped steps in a row"
+    )
+    dist_timeout_s: float = Field(
+        300.0, gt=0, description="seconds a collective may wait for the other ranks"
+    )
+    dist_timeout_slow_s: float = Field(
+        1800.0, gt=0, description="the same for the first step (compilation) and evaluation"
+    )
+    allow_data_mismatch: bool = Field(
+        False, description="resume/load a checkpoint written on another build of the data"
+    )
     sampler: str | None = Field(
         None, description="training sampler (dataset.sampling.SAMPLERS); None: uniform (upstream)"
     )
@@ -156,6 +173,9 @@ class EvaluateConfig(StrictModel):
     )
     output_dir: str | None = Field(None, description="default: <checkpoint>_eval")
     use_ema: bool = Field(True, description="evaluate the EMA weights when the checkpoint has them")
+    allow_data_mismatch: bool = Field(
+        False, description="evaluate on another build of the data than the run trained on"
+    )
     device: str = Field("auto", description="auto (cuda → mps → cpu), cpu, cuda, cuda:N, mps")
 
 

@@ -6,6 +6,10 @@ loader followed by an evaluation, and a checkpoint follows each evaluation. The 
 named modules: ``training.state`` (the state and its creation), ``training.strategies`` (how a
 batch becomes gradients), ``training.step`` (one optimizer step), ``training.evaluation`` and
 ``training.rollout``, ``training.checkpointing`` (resumable ``step_N`` folders).
+
+SIGTERM or SIGINT (``training.preemption``) ends the run after the current step or evaluation,
+on every rank at the same step, with a checkpoint that ``resume=auto`` continues from
+bit-identically; ``InterruptedRunError`` says where it is.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -25,12 +29,20 @@ from training.checkpointing import resolve_resume, resume_train_state, save_trai
 from training.config import PretrainConfig
 from training.data import check_eval_data, create_dataloader
 from training.evaluation import ema_weights, evaluate
-from training.state import create_train_state, seed_everything
-from training.step import NonFiniteLossError, train_batch
+from training.preemption import InterruptedRunError, StopSignals
+from training.state import TrainState, create_train_state, seed_everything
+from training.step import NonFiniteLossError, any_rank, train_batch
 from utils.distributed import DistInfo, broadcast_object
 from utils.logging import RunLogger
 
-__all__ = ["NonFiniteLossError", "Progress", "RunOutcome", "default_evaluators", "run_training"]
+__all__ = [
+    "InterruptedRunError",
+    "NonFiniteLossError",
+    "Progress",
+    "RunOutcome",
+    "default_evaluators",
+    "run_training",
+]
 
 EvaluatorsFactory = Callable[[PuzzleDataset], list[Evaluator]]
 
@@ -109,6 +121,62 @@ def run_training(
 
     if progress is not None:
         progress.start(total=state.total_steps, initial=state.step)
+    run = _Run(config, dist_info, state, train_data, last_checkpoint)
+    try:
+        with StopSignals() as signals:
+            eval_metrics = _train(
+                run, train_loader, eval_loader, evaluators, logger, progress, signals
+            )
+    finally:
+        if progress is not None:
+            progress.close()
+    return RunOutcome(state.step, run.last_checkpoint, eval_metrics)
+
+
+@dataclass
+class _Run:
+    """What the loop body shares: the state and where its last checkpoint is."""
+
+    config: PretrainConfig
+    dist_info: DistInfo
+    state: TrainState
+    train_data: PuzzleDataset
+    last_checkpoint: Path | None
+    saved_at: tuple[int, int, int] | None = None  # the progress the last checkpoint holds
+
+    def _progress(self) -> tuple[int, int, int]:
+        return (self.state.step, self.state.iteration, self.state.batches_in_iteration)
+
+    def save(self) -> None:
+        self.last_checkpoint = save_train_state(
+            self.config, self.state, self.dist_info, self.train_data
+        )
+        self.saved_at = self._progress()
+
+    def interrupt(self, signals: StopSignals) -> InterruptedRunError:
+        """Write the checkpoint of the current step; the error to raise."""
+        where = "no checkpoint_path, nothing saved"
+        if self.config.checkpoint_path:
+            if self.saved_at != self._progress():
+                self.save()
+            where = f"checkpoint {self.last_checkpoint}; continue with resume=auto"
+        # A rank without a signal of its own stops because another rank had one.
+        name = signals.name if signals.requested else "a signal to another process"
+        return InterruptedRunError(
+            f"stopped by {name} after step {self.state.step}; {where}", signals.received or 15
+        )
+
+
+def _train(
+    run: _Run,
+    train_loader: Any,
+    eval_loader: Any,
+    evaluators: list[Evaluator],
+    logger: RunLogger,
+    progress: Progress | None,
+    signals: StopSignals,
+) -> dict[str, float]:
+    config, dist_info, state, train_data = run.config, run.dist_info, run.state, run.train_data
     eval_metrics: dict[str, float] = {}
     stop = False
     for iteration in range(state.iteration, config.iterations):
@@ -118,16 +186,24 @@ def run_training(
         # straight into that evaluation; the data position already points at the next one.
         finished = 0 < train_data.num_batches(iteration) <= state.batches_in_iteration
         for _set_name, batch, _gbs in [] if finished else train_loader:
-            metrics = train_batch(config, state, batch, dist_info, last_checkpoint)
+            result = train_batch(
+                config, state, batch, dist_info, run.last_checkpoint,
+                stop_requested=signals.requested,
+            )  # fmt: skip
             state.batches_in_iteration += 1
-            if metrics is not None and dist_info.is_main:
-                logger.log(metrics, step=state.step)
+            if result.metrics is not None and dist_info.is_main:
+                logger.log(result.metrics, step=state.step)
+                if result.skipped is not None:
+                    print(f"step {state.step}: non-finite {result.skipped}, update skipped "
+                          f"({state.nonfinite_streak} in a row)")  # fmt: skip
                 examples += config.global_batch_size
-                if progress is not None:
+                if progress is not None and result.skipped is None:
                     rate = examples / max(time.perf_counter() - started, 1e-9)
-                    progress.update(loss=metrics["train/lm_loss"], examples_per_s=rate)
+                    progress.update(loss=result.metrics["train/lm_loss"], examples_per_s=rate)
             if config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0:
-                last_checkpoint = save_train_state(config, state, dist_info, train_data)
+                run.save()
+            if result.stop_requested:
+                raise run.interrupt(signals)
             if config.max_steps is not None and state.step >= config.max_steps:
                 stop = True
                 break
@@ -148,9 +224,9 @@ def run_training(
                     save_path.mkdir(parents=True, exist_ok=True)
                     torch.save(result.outputs, save_path / "eval_outputs.pt")
         if config.checkpoint_path and (config.checkpoint_every_eval or is_last):
-            last_checkpoint = save_train_state(config, state, dist_info, train_data)
+            run.save()
+        if any_rank(signals.requested, dist_info.device):
+            raise run.interrupt(signals)
         if stop:
             break
-    if progress is not None:
-        progress.close()
-    return RunOutcome(state.step, last_checkpoint, eval_metrics)
+    return eval_metrics

@@ -64,6 +64,7 @@ class TrainState:
     batches_in_iteration: int = 0  # batches consumed in the current cycle
     carry: ACTCarry | None = None
     ema: EMAHelper | None = None
+    nonfinite_streak: int = 0  # nonfinite=skip: skipped steps in a row (restarts on resume)
 
     @property
     def raw_model(self) -> nn.Module:

@@ -48,51 +48,78 @@ class ArcTask:
     raw: dict[str, Any]
 
 
+GRID_CELLS_RULE = "grid cells must be integers 0-9"
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """``value`` as JSON, shortened for a one-line message."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _grid(value: Any, where: str) -> np.ndarray:
-    if not isinstance(value, list) or not value or not all(isinstance(r, list) for r in value):
-        raise DatasetBuildError(f"{where} is not a non-empty list of rows")
-    widths = {len(r) for r in value}
-    if len(widths) != 1 or 0 in widths:
-        raise DatasetBuildError(f"{where} is not rectangular (row lengths {sorted(widths)})")
-    try:
-        arr = np.array(value, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise DatasetBuildError(f"{where} holds values that are not integers") from None
-    rows, cols = arr.shape
+    """Validate one JSON grid: a non-empty rectangular list of rows of integers 0..9, at most
+    30x30. ``True``, ``1.0``, ``1.5`` and ``"1"`` are refused rather than coerced."""
+    if not isinstance(value, list) or not value:
+        raise DatasetBuildError(f"{where}: expected a non-empty list of rows, got {_show(value)}")
+    for r, row in enumerate(value):
+        if not isinstance(row, list) or not row:
+            raise DatasetBuildError(
+                f"{where}: row {r} is {_show(row)}, expected a non-empty list of cells"
+            )
+        # type() rather than isinstance(): bool is a subclass of int.
+        if not set(map(type, row)) <= {int} or min(row) < 0 or max(row) > 9:
+            bad = next(v for v in row if type(v) is not int or not 0 <= v <= 9)
+            raise DatasetBuildError(f"{where}: row {r} holds {_show(bad)}; {GRID_CELLS_RULE}")
+    widths = sorted({len(row) for row in value})
+    if len(widths) != 1:
+        raise DatasetBuildError(f"{where}: not rectangular (row lengths {widths})")
+    rows, cols = len(value), widths[0]
     if rows > ARC_MAX_GRID_SIZE or cols > ARC_MAX_GRID_SIZE:
         raise DatasetBuildError(
-            f"{where} is {rows}x{cols}, larger than the {ARC_MAX_GRID_SIZE}x{ARC_MAX_GRID_SIZE} "
+            f"{where}: {rows}x{cols}, larger than the {ARC_MAX_GRID_SIZE}x{ARC_MAX_GRID_SIZE} "
             "canvas"
         )
-    if arr.min() < 0 or arr.max() > 9:
-        bad = int(arr[(arr < 0) | (arr > 9)][0])
-        raise DatasetBuildError(f"{where} has colour {bad}, outside 0..9")
-    return arr.astype(np.uint8)
+    return np.array(value, dtype=np.uint8)
 
 
-def _pairs(examples: Any, kind: str, where: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    if not isinstance(examples, list) or not examples:
-        raise DatasetBuildError(f"{where} has no {kind} pairs")
+_PAIR_KINDS = {"train": "demo ('train')", "test": "test"}
+
+
+def _pairs(
+    raw: dict[str, Any], key: str, where: str, output_where: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The pairs under ``raw[key]``; ``where`` and ``output_where`` start the messages about a
+    pair and about its output grid (``{file}: task {name}``)."""
+    examples = raw[key]
+    if not isinstance(examples, list):
+        raise DatasetBuildError(f"{where}: '{key}' is {_show(examples)}, expected a list of pairs")
+    if not examples:
+        raise DatasetBuildError(f"{where}: no {_PAIR_KINDS[key]} pairs")
     pairs = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, dict) or "input" not in ex or "output" not in ex:
-            raise DatasetBuildError(f"{where} {kind} pair {i} needs 'input' and 'output'")
+            raise DatasetBuildError(f"{where}, {key} pair {i}: needs 'input' and 'output'")
         pairs.append(
             (
-                _grid(ex["input"], f"{where} {kind} pair {i} input"),
-                _grid(ex["output"], f"{where} {kind} pair {i} output"),
+                _grid(ex["input"], f"{where}, {key} pair {i} input"),
+                _grid(ex["output"], f"{output_where}, {key} pair {i} output"),
             )
         )
     return pairs
 
 
-def parse_task(name: str, raw: Any, file: str) -> ArcTask:
-    """Validate one task dict ``{"train": [...], "test": [...]}`` with outputs everywhere."""
-    where = f"{file}: task {name}:"
+def parse_task(name: str, raw: Any, file: str, solutions_file: str | None = None) -> ArcTask:
+    """Validate one task dict ``{"train": [...], "test": [...]}`` with outputs everywhere.
+
+    Messages name ``file``, the task and the pair; problems in test outputs name
+    ``solutions_file`` when they came from one (Kaggle format).
+    """
+    where = f"{file}: task {name}"
     if not isinstance(raw, dict) or "train" not in raw or "test" not in raw:
-        raise DatasetBuildError(f"{where} expected an object with 'train' and 'test' lists")
-    demos = _pairs(raw["train"], "demo ('train')", where)
-    tests = _pairs(raw["test"], "test", where)
+        raise DatasetBuildError(f"{where}: expected an object with 'train' and 'test' lists")
+    demos = _pairs(raw, "train", where, where)
+    tests = _pairs(raw, "test", where, f"{solutions_file or file}: task {name}")
     return ArcTask(name=name, demos=demos, tests=tests, raw=raw)
 
 
@@ -108,6 +135,8 @@ def _load_json(path: Path) -> Any:
         ) from None
     except UnicodeDecodeError as e:
         raise DatasetBuildError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise DatasetBuildError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def load_kaggle_subset(prefix: str, subset: str) -> list[ArcTask]:
@@ -142,7 +171,8 @@ def load_kaggle_subset(prefix: str, subset: str) -> list[ArcTask]:
                 for ex, sol in zip(tests, sols, strict=True):
                     if isinstance(ex, dict):
                         ex["output"] = sol
-        tasks.append(parse_task(name, raw, str(challenges_path)))
+        sols_file = None if solutions is None else str(solutions_path)
+        tasks.append(parse_task(name, raw, str(challenges_path), sols_file))
     return tasks
 
 

@@ -21,7 +21,8 @@ Routing (``--split-policy``):
 The build runs in two passes so that memory stays flat whatever ``--num-aug``: pass 1 draws the
 augmentation plan of every task (a few bytes per variant), pass 2 encodes each task's variants in
 vectorised numpy and streams the rows to ``.npy`` files inside a temporary folder, renamed into
-place at the end.
+place at the end. An existing ``--output-dir`` is replaced only when it holds a dataset built
+earlier and ``--overwrite`` is given (``dataset.common.check_output_dir``).
 
 One module per builder, as upstream: planning, encoding and writing stay together (past 400
 lines) so the builder runs as ``python dataset/build_arc_dataset.py``.
@@ -55,11 +56,13 @@ from dataset.arc_sources import (
 from dataset.common import (
     BLANK_IDENTIFIER,
     DIHEDRAL_SWAPS_AXES,
+    OVERWRITE_HELP,
     DatasetBuildError,
     NpyRowWriter,
     PuzzleDatasetMetadata,
     atomic_output_dir,
     augmented_name,
+    check_output_dir,
     dihedral_transform,
     flag_aliases,
     parse_literal_list,
@@ -92,6 +95,7 @@ class BuildConfig:
     puzzle_identifiers_start: int = 1
     split_policy: str = "trm"
     max_tasks: int | None = None
+    overwrite: bool = False
 
 
 @dataclass
@@ -312,6 +316,7 @@ def make_plans(cfg: BuildConfig, loaded: dict[str, list[ArcTask]]) -> list[TaskP
 
 def build(cfg: BuildConfig) -> dict[str, PuzzleDatasetMetadata]:
     """Run both passes and write the dataset; returns the metadata of each split written."""
+    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite)  # before minutes of work
     loaded = load_tasks(cfg)
     plans = make_plans(cfg, loaded)
 
@@ -340,7 +345,7 @@ def build(cfg: BuildConfig) -> dict[str, PuzzleDatasetMetadata]:
     num_identifiers = cfg.puzzle_identifiers_start + len(identifier_of)
 
     metadata = {}
-    with atomic_output_dir(cfg.output_dir) as out:
+    with atomic_output_dir(cfg.output_dir, overwrite=cfg.overwrite) as out:
         for split in SPLITS:
             split_plans = [(p, n) for p, n in zip(plans, names_of, strict=True) if split in p.dest]
             if not split_plans:
@@ -459,6 +464,7 @@ def parse_args(argv: Sequence[str] | None) -> BuildConfig:
         type=int,
         help="keep a seeded random choice of at most N tasks per subset",
     )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     a = p.parse_args(argv)
 
     source = a.source
@@ -497,6 +503,7 @@ def parse_args(argv: Sequence[str] | None) -> BuildConfig:
         puzzle_identifiers_start=a.puzzle_identifiers_start,
         split_policy=a.split_policy,
         max_tasks=a.max_tasks,
+        overwrite=a.overwrite,
     )
 
 

@@ -16,7 +16,9 @@ transforms, train split only) is its own puzzle with one example; a group is a m
 augmentations; all puzzle identifiers are 0.
 
 Every row is validated before anything is written: a bad row stops the build with one line that
-names the file and line (header = line 1), and no output folder is left behind.
+names the file and line (header = line 1), and no output folder is left behind. An existing
+``--output-dir`` is replaced only when it holds a dataset built earlier and ``--overwrite`` is
+given (``dataset.common.check_output_dir``).
 
 One module per builder, as upstream: its generator, reader, validator and writer stay together
 (past 400 lines) so the builder runs as ``python dataset/build_maze_dataset.py``.
@@ -41,8 +43,10 @@ import numpy as np
 
 from dataset.common import (
     BLANK_IDENTIFIER,
+    OVERWRITE_HELP,
     DatasetBuildError,
     atomic_output_dir,
+    check_output_dir,
     dihedral_transform,
     flag_aliases,
     run_cli,
@@ -391,7 +395,8 @@ def _non_negative_int(text: str) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Upstream's flags (``--source-repo``, ``--output-dir``, ``--subsample-size``, ``--aug``)
-    plus ``--seed``, ``--input-dir``, ``--generate``, ``--generate-test`` and ``--grid-size``."""
+    plus ``--seed``, ``--input-dir``, ``--generate``, ``--generate-test``, ``--grid-size`` and
+    ``--overwrite``."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(*flag_aliases("source_repo"), default="sapientinc/maze-30x30-hard-1k")
     p.add_argument(*flag_aliases("output_dir"), default="data/maze-30x30-hard-1k")
@@ -434,6 +439,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help=f"maze side for --generate (default {DEFAULT_GRID_SIZE})",
     )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = p.parse_args(argv)
     if args.generate is None and (args.generate_test is not None or args.grid_size is not None):
         p.error("--generate-test and --grid-size only apply with --generate N")
@@ -445,6 +451,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Build ``<output_dir>/{train,test}`` and ``identifiers.json``; see the module docstring."""
     args = parse_args(argv)
+    check_output_dir(args.output_dir, overwrite=args.overwrite)  # before downloading
     train_rng, test_rng, subsample_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(args.seed).spawn(3)
     )
@@ -473,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows["train"] = [rows["train"][int(i)] for i in keep]
 
     counts = {}
-    with atomic_output_dir(args.output_dir) as tmp:
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as tmp:
         for split in SPLITS:
             inputs, labels, group_sizes = split_arrays(
                 rows[split], side, aug=args.aug and split == "train"

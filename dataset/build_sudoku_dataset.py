@@ -20,7 +20,9 @@ stored +1 (PAD 0, blank 1, digits 2..10), so ``vocab_size`` is 11 and ``seq_len`
 Deliberate divergences from upstream: the subsample and the augmentations use seeded
 ``np.random.Generator`` streams (``--seed``) instead of the unseeded global NumPy RNG, inputs are
 validated (one-line errors naming the file and line), ``total_puzzles`` counts puzzles (upstream
-wrote the number of groups there), and a failed build leaves nothing on disk.
+wrote the number of groups there), a failed build leaves nothing on disk, and an existing
+``--output-dir`` is replaced only when it holds a dataset built earlier and ``--overwrite`` is
+given (upstream wrote into any folder; ``dataset.common.check_output_dir``).
 
 One module per builder, as upstream: its generator, reader, validator and writer stay together
 (past 400 lines) so the builder runs as ``python dataset/build_sudoku_dataset.py``.
@@ -45,8 +47,10 @@ if __package__ in (None, ""):
 
 from dataset.common import (
     BLANK_IDENTIFIER,
+    OVERWRITE_HELP,
     DatasetBuildError,
     atomic_output_dir,
+    check_output_dir,
     flag_aliases,
     run_cli,
     write_identifiers,
@@ -758,6 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="test puzzles to generate with --generate (default max(1, N // 4))",
     )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return p
 
 
@@ -775,6 +780,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     """Build ``<output-dir>/{train,test}`` and ``identifiers.json``; see the module docstring."""
     args = parse_args(argv)
+    check_output_dir(args.output_dir, overwrite=args.overwrite)  # before downloading
     rows = load_rows(args)
 
     splits = {}
@@ -797,7 +803,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
     summary = []
-    with atomic_output_dir(args.output_dir) as out:
+    with atomic_output_dir(args.output_dir, overwrite=args.overwrite) as out:
         for split, (inputs, labels, group_sizes) in splits.items():
             metadata = write_single_example_split(
                 out / split,

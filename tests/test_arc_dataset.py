@@ -358,7 +358,7 @@ def test_missing_file_and_failed_rebuild_keeps_old(
     out = build(source[0], tmp_path / "ds", "--num-aug", "1")
     before = (out / "train/all__inputs.npy").read_bytes()
     argv = ["--input-file-prefix", str(tmp_path / "nope"), "--output-dir", str(out),
-            "--subsets", "training", "--test-set-name", "evaluation"]  # fmt: skip
+            "--subsets", "training", "--test-set-name", "evaluation", "--overwrite"]  # fmt: skip
     assert run_cli(arc.main, argv) == 2
     err = capsys.readouterr().err
     assert "nope_training_challenges.json: file not found" in err

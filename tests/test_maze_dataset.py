@@ -492,7 +492,8 @@ def test_failed_build_keeps_previous_dataset(
     assert build(["--input-dir", str(src), "--output-dir", str(out)]) == 0
     before = all_bytes(out)
     write_csv(src / "train.csv", [(M1_Q, M1_Q)])
-    assert build(["--input-dir", str(src), "--output-dir", str(out), "--aug"]) == 2
+    assert build(["--input-dir", str(src), "--output-dir", str(out), "--aug", "--overwrite"]) == 2
+    assert "train.csv: line 2:" in capsys.readouterr().err
     assert all_bytes(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
     capsys.readouterr()

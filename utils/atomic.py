@@ -11,18 +11,32 @@ import shutil
 from pathlib import Path
 
 
+def aside_path(final: Path) -> Path:
+    """Where ``swap_folder_into_place`` keeps the previous version of ``final`` during the swap."""
+    return final.with_name(f".{final.name}.old")
+
+
 def swap_folder_into_place(tmp: Path, final: Path) -> None:
     """Rename the complete folder ``tmp`` to ``final`` (same parent folder).
 
-    An existing ``final`` is first moved aside to the hidden ``.<name>.old``, then removed once
-    ``tmp`` is in place, so at every moment one complete version exists under one of the names.
+    An existing ``final`` is first moved aside to the hidden ``aside_path(final)``, then removed
+    once ``tmp`` is in place, so at every moment one complete version exists under one of the
+    names. If ``tmp`` cannot be renamed, the previous version is moved back before the error
+    propagates.
     """
-    aside_tmp = final.with_name(f".{final.name}.old")
+    aside = aside_path(final)
+    moved_aside = False
     if final.exists():
-        shutil.rmtree(aside_tmp, ignore_errors=True)
-        final.rename(aside_tmp)
-    tmp.rename(final)
-    shutil.rmtree(aside_tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
+        final.rename(aside)
+        moved_aside = True
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if moved_aside and not os.path.lexists(final):
+            aside.rename(final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

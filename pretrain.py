@@ -4,27 +4,47 @@
     torchrun --nproc-per-node 4 pretrain.py arch=trm data_paths="[data/arc1concept-aug-1000]" \\
         arch.L_layers=2 arch.H_cycles=3 arch.L_cycles=4 +run_name=x ema=True
 
-Hydra composes ``config/cfg_pretrain.yaml``; the result is validated (``training.config``),
-rank 0 fills in the run's names and broadcasts the config, and
-``training.loop.run_training`` does the rest. Input problems (``utils.schema.UserError``,
-missing files) end with one ``error:`` line and exit code 2; anything else is a bug and keeps
-its traceback.
+Hydra composes ``config/cfg_pretrain.yaml`` (a misspelt key, with or without ``+``, reaches
+the validation: ``utils.config.lenient_overrides``); the result is validated
+(``training.config``) before any process group, file or folder is created. Rank 0 fills in
+the run's names and broadcasts the config, and ``training.loop.run_training`` does the rest.
+Exit codes: 2 for input problems (``utils.schema.UserError``, missing files), one ``error:``
+line (configuration errors from rank 0 only, since every rank finds the same); 3 when a
+collective timed out or lost a peer (``utils.distributed.CollectiveError``), one line from
+each rank that noticed. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from models.registry import MODELS
-from training.config import PretrainConfig, load_pretrain_config
+from training.config import PretrainConfig, check_world_size, load_pretrain_config
 from training.loop import default_evaluators, run_training
-from utils.distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from utils.config import lenient_overrides
+from utils.distributed import (
+    CollectiveError,
+    DistInfo,
+    broadcast_object,
+    cleanup,
+    collective_phase,
+    configure_timeouts,
+    env_rank,
+    env_world_size,
+    exit_now,
+    init_distributed,
+)
 from utils.logging import StepProgress, build_logger, default_project_name, default_run_name
-from utils.schema import UserError
+from utils.schema import ConfigError, UserError
+
+# A rank other than 0 that finds a configuration error waits this long before exiting, so
+# that torchrun, which stops every process at the first exit, lets rank 0 print the error.
+SILENT_RANK_GRACE_S = 10.0
 
 
 def fill_run_names(config: PretrainConfig) -> PretrainConfig:
@@ -38,7 +58,10 @@ def fill_run_names(config: PretrainConfig) -> PretrainConfig:
 
 
 def launch(config: PretrainConfig, dist_info: DistInfo) -> None:
-    config = broadcast_object(fill_run_names(config) if dist_info.is_main else None)
+    with collective_phase("start-up", slow=True):
+        config = broadcast_object(fill_run_names(config) if dist_info.is_main else None)
+    # Writes nothing until the first metrics: a run that fails its data checks leaves no
+    # run folder behind.
     logger = build_logger(
         config.logger,
         project=config.project_name,
@@ -68,15 +91,27 @@ def launch(config: PretrainConfig, dist_info: DistInfo) -> None:
 def main(cfg: DictConfig) -> None:
     try:
         config = load_pretrain_config(cfg)
-        dist_info = init_distributed(config.device)
+        check_world_size(config, env_world_size())
+        dist_info = init_distributed(config.device, timeout_s=config.dist_timeout_slow_s)
+        configure_timeouts(config.dist_timeout_s, config.dist_timeout_slow_s)
         try:
             launch(config, dist_info)
         finally:
             cleanup()
+    except CollectiveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        exit_now(3)
+    except ConfigError as e:
+        if env_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        elif env_world_size() > 1:
+            time.sleep(SILENT_RANK_GRACE_S)
+        sys.exit(2)
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = lenient_overrides(sys.argv[1:])
     main()

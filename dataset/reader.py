@@ -130,7 +130,8 @@ def find_source(dataset_path: str, split: str) -> SplitSource:
         )
     raise FileNotFoundError(
         f"no '{split}' split in {dataset_path}: neither {folder_metadata} (.npy layout) nor "
-        f"{packed} (packed) exists; build the dataset first or fix dataset_paths"
+        f"{packed} (packed) exists; build the dataset first or fix data_paths "
+        "(data_paths_test for the evaluation data)"
     )
 
 

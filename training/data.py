@@ -1,5 +1,5 @@
 """The run's loaders: upstream's ``PuzzleDataset`` yielding whole batches, with the batch
-fields the model family reads."""
+fields the model family reads, and the start-up checks of the data against the run."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def create_dataloader(
         ),
         split=split,
     )
+    if not test_set_mode:
+        check_train_batches(config, dataset)
     workers = config.data_workers
     loader = DataLoader(
         dataset,
@@ -42,6 +44,23 @@ def create_dataloader(
         persistent_workers=workers > 0,
     )
     return loader, dataset
+
+
+def check_train_batches(config: PretrainConfig, data: PuzzleDataset) -> None:
+    """A global batch larger than what one iteration draws would train no step at all (each
+    iteration drops its short last batch) and then evaluate an untrained model: refuse it."""
+    if data.num_batches(0) > 0 and data.total_steps(config.epochs) > 0:
+        return
+    meta = data.metadata
+    per_epoch = meta.total_groups * meta.mean_puzzle_examples
+    epochs = config.epochs_per_iteration
+    which = "eval_interval" if config.eval_interval else "epochs"
+    raise DataError(
+        f"global_batch_size {config.global_batch_size} is larger than what the training data "
+        f"{', '.join(data.config.dataset_paths)} yields: about {per_epoch:.0f} examples per "
+        f"epoch, {per_epoch * epochs:.0f} per iteration of {epochs} epochs ({which}), so no "
+        "step would run; lower global_batch_size"
+    )
 
 
 def check_eval_data(

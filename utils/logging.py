@@ -3,7 +3,9 @@
 Upstream calls ``wandb.init`` unconditionally on rank 0, so a machine without a W&B login either
 prompts or needs ``WANDB_MODE``. Here the mode is chosen without network access
 (``resolve_wandb_mode``), rank 0 always also writes ``metrics.jsonl``, and other ranks get a
-``NullLogger``. ``wandb`` is imported only when a ``WandbLogger`` is built.
+``NullLogger``. Loggers create nothing (files, folders, W&B runs) before their first metrics,
+so a run that fails at start-up leaves no run folder. ``wandb`` is imported only when a
+``WandbLogger`` is built.
 """
 
 from __future__ import annotations
@@ -148,38 +150,59 @@ def _json_number(value: Any) -> int | float | str:
 class JsonlLogger:
     """Appends ``{"step": step, **metrics}`` as one strict-JSON line per ``log`` call to ``path``.
 
-    The file is opened in append mode and flushed after every line, so a resumed run continues
-    the same file and a crash loses nothing. ``log_config`` merges into ``<stem>.config.json``.
+    Nothing is created before the first ``log`` or ``log_config`` call (a run that fails its
+    start-up checks leaves no folder behind); ``config``, if given, is written to
+    ``<stem>.config.json`` then. The file is opened in append mode and flushed after every
+    line, so a resumed run continues the same file and a crash loses nothing. ``log_config``
+    merges into ``<stem>.config.json``.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], config: Mapping[str, Any] | None = None
+    ) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file: Any = None
+        self._pending_config = dict(config) if config is not None else None
+
+    def _open(self) -> Any:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", encoding="utf-8")
+            if self._pending_config is not None:
+                self.log_config({})
+        return self._file
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """Write one line with ``step`` and every metric as a number."""
         record = {"step": int(step)} | {key: _json_number(v) for key, v in metrics.items()}
-        self._file.write(json.dumps(record, allow_nan=False) + "\n")
-        self._file.flush()
+        file = self._open()
+        file.write(json.dumps(record, allow_nan=False) + "\n")
+        file.flush()
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         """Merge ``config`` into ``<stem>.config.json``; values JSON cannot hold become str."""
         config_path = self.path.with_suffix(".config.json")
+        config_path.parent.mkdir(parents=True, exist_ok=True)
         merged = json.loads(config_path.read_text()) if config_path.exists() else {}
+        merged.update(self._pending_config or {})
+        self._pending_config = None
         merged.update(config)
         config_path.write_text(json.dumps(merged, indent=2, default=str) + "\n")
 
     def finish(self) -> None:
-        """Close the file."""
-        self._file.close()
+        """Close the file (if anything was logged)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class WandbLogger:
     """A W&B run, as upstream: ``wandb.init(project, name=run_name, config, _disable_stats)``.
 
     ``mode`` is ``online``, ``offline`` or ``disabled`` (see ``resolve_wandb_mode``); the run's
-    files go under ``run_dir/wandb``. ``run`` is the ``wandb`` run, e.g. for ``run.log_code``.
+    files go under ``run_dir/wandb``. The run starts at the first ``log``/``log_config`` call
+    or ``run`` access, so nothing is created before the run has something to say. ``run`` is
+    the ``wandb`` run, e.g. for ``run.log_code``.
     """
 
     def __init__(
@@ -192,17 +215,27 @@ class WandbLogger:
     ) -> None:
         if mode not in WANDB_MODES:
             raise ConfigError(f"unknown W&B mode {mode!r}; choose one of {list(WANDB_MODES)}")
-        import wandb
+        import wandb  # fails here, at start-up, when wandb is not installed
 
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=project,
-            name=run_name,
-            config=dict(config),
-            dir=os.fspath(run_dir),
-            mode=mode,
-            settings=wandb.Settings(x_disable_stats=True),
-        )
+        self._wandb = wandb
+        self._init_args = (project, run_name, dict(config), os.fspath(run_dir), mode)
+        self._run: Any = None
+
+    @property
+    def run(self) -> Any:
+        """The ``wandb`` run, started on first access."""
+        if self._run is None:
+            project, run_name, config, run_dir, mode = self._init_args
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            self._run = self._wandb.init(
+                project=project,
+                name=run_name,
+                config=config,
+                dir=run_dir,
+                mode=mode,
+                settings=self._wandb.Settings(x_disable_stats=True),
+            )
+        return self._run
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         """``wandb.log(metrics, step=step)``; steps must not decrease."""
@@ -213,8 +246,11 @@ class WandbLogger:
         self.run.config.update(dict(config), allow_val_change=True)
 
     def finish(self) -> None:
-        """Finish the run (an offline run can then be uploaded with ``wandb sync``)."""
-        self.run.finish()
+        """Finish the run if it started (an offline run can then be uploaded with
+        ``wandb sync``)."""
+        if self._run is not None:
+            self._run.finish()
+            self._run = None
 
 
 class MultiLogger:
@@ -250,14 +286,13 @@ def build_logger(
 ) -> RunLogger:
     """The run's logger: ``NullLogger`` off rank 0; on rank 0 ``run_dir/metrics.jsonl`` (with the
     config in ``metrics.config.json``) plus, for ``wandb`` (online if a key is available, else
-    offline) or ``wandb_offline``, a W&B run unless ``resolve_wandb_mode`` disables it."""
+    offline) or ``wandb_offline``, a W&B run unless ``resolve_wandb_mode`` disables it. Files
+    and the W&B run are created at the first metrics, not here."""
     if kind not in LOGGER_KINDS:
         raise ConfigError(f"unknown logger {kind!r}; choose one of {list(LOGGER_KINDS)}")
     if not is_main:
         return NullLogger()
-    jsonl = JsonlLogger(Path(run_dir) / "metrics.jsonl")
-    jsonl.log_config(config)
-    loggers: list[RunLogger] = [jsonl]
+    loggers: list[RunLogger] = [JsonlLogger(Path(run_dir) / "metrics.jsonl", config)]
     if kind != "none":
         mode = resolve_wandb_mode("auto" if kind == "wandb" else "offline")
         if mode != "disabled":

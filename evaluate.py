@@ -23,7 +23,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from evaluators.base import build_evaluators
-from training.checkpointing import evaluation_weights
+from training.checkpointing import check_evaluation_data, evaluation_weights
 from training.config import (
     EvaluateConfig,
     PretrainConfig,
@@ -39,12 +39,20 @@ from utils.distributed import DistInfo, cleanup, init_distributed
 from utils.schema import UserError
 
 
-def resolve(ecfg: EvaluateConfig) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
-    """The run config to evaluate with and the weights, from the checkpoint and overrides."""
+def resolve(
+    ecfg: EvaluateConfig, is_main: bool = True
+) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
+    """The run config to evaluate with and the weights, from the checkpoint and overrides.
+
+    Our folder is verified file by file and its data fingerprint checked against the data
+    evaluated on (``training.checkpointing.check_evaluation_data``).
+    """
     path = Path(ecfg.checkpoint)
+    meta: dict[str, Any] | None = None
     if path.is_dir():
         shared, _ = load_checkpoint_files(path, rank=0)
-        base: dict[str, Any] = dict(shared["meta"]["config"])
+        meta = shared["meta"]
+        base: dict[str, Any] = dict(meta["config"])
         weights = evaluation_weights(shared, use_ema=ecfg.use_ema)
     elif path.is_file():
         weights = read_state_dict(path)
@@ -77,11 +85,24 @@ def resolve(ecfg: EvaluateConfig) -> tuple[PretrainConfig, dict[str, torch.Tenso
         resume=None,
         load_checkpoint=None,
     )
-    return validate_pretrain_config(base), weights
+    config = validate_pretrain_config(base)
+    if meta is not None:
+        paths = config.data_paths_test or config.data_paths
+        check_evaluation_data(meta, paths, path, ecfg.allow_data_mismatch, is_main)
+    return config, weights
+
+
+def require_checkpoint(cfg: DictConfig) -> None:
+    """``checkpoint`` is mandatory (``???`` in the YAML); say so rather than look for ``???``."""
+    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.get("checkpoint"):
+        raise ConfigError(
+            "checkpoint: required; give checkpoint=PATH (a step_N folder or an upstream "
+            "state-dict file)"
+        )
 
 
 def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
-    config, weights = resolve(ecfg)
+    config, weights = resolve(ecfg, dist_info.is_main)
     check_world_size(config, dist_info.world_size)
     loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True)
     head, family = build_model(config, data, dist_info)
@@ -101,6 +122,7 @@ def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
 @hydra.main(config_path="config", config_name="cfg_evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
+        require_checkpoint(cfg)
         ecfg = validate_model(EvaluateConfig, OmegaConf.to_container(cfg, resolve=True))
         dist_info = init_distributed(ecfg.device)
         try:

@@ -11,7 +11,9 @@ the run's names and broadcasts the config, and ``training.loop.run_training`` do
 Exit codes: 2 for input problems (``utils.schema.UserError``, missing files), one ``error:``
 line (configuration errors from rank 0 only, since every rank finds the same); 3 when a
 collective timed out or lost a peer (``utils.distributed.CollectiveError``), one line from
-each rank that noticed. Anything else is a bug and keeps its traceback.
+each rank that noticed; 128 + N after signal N (SIGTERM, SIGINT) stopped the run with a
+checkpoint (``training.preemption``), one line from rank 0. Anything else is a bug and keeps
+its traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from omegaconf import DictConfig
 from models.registry import MODELS
 from training.config import PretrainConfig, check_world_size, load_pretrain_config
 from training.loop import default_evaluators, run_training
+from training.preemption import InterruptedRunError
 from utils.config import lenient_overrides
 from utils.distributed import (
     CollectiveError,
@@ -71,13 +74,16 @@ def launch(config: PretrainConfig, dist_info: DistInfo) -> None:
         is_main=dist_info.is_main,
     )
     try:
-        outcome = run_training(
-            config,
-            dist_info,
-            logger=logger,
-            progress=StepProgress(dist_info.is_main),
-            evaluators_factory=default_evaluators(config),
-        )
+        # The set-up's collectives (initial weights, resume) follow rank 0's reads; the loop
+        # names its own phases.
+        with collective_phase("start-up", slow=True):
+            outcome = run_training(
+                config,
+                dist_info,
+                logger=logger,
+                progress=StepProgress(dist_info.is_main),
+                evaluators_factory=default_evaluators(config),
+            )
     finally:
         logger.finish()
     if dist_info.is_main:
@@ -101,6 +107,10 @@ def main(cfg: DictConfig) -> None:
     except CollectiveError as e:
         print(f"error: {e}", file=sys.stderr)
         exit_now(3)
+    except InterruptedRunError as e:  # a signal: every rank stopped after the same step
+        if env_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except ConfigError as e:
         if env_rank() == 0:
             print(f"error: {e}", file=sys.stderr)

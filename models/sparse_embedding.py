@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from models.common import trunc_normal_init_
+from utils.distributed import all_gather_into_tensor
 
 
 class CastedSparseEmbedding(nn.Module):
@@ -117,8 +118,9 @@ def gather_ids_and_grads(
     batch_size, dim = local_weights_grad.shape
     all_grads = local_weights_grad.new_empty((world_size * batch_size, dim))
     all_ids = local_ids.new_empty((world_size * batch_size,))
-    dist.all_gather_into_tensor(all_grads, local_weights_grad.contiguous())
-    dist.all_gather_into_tensor(all_ids, local_ids.contiguous())
+    # Bounded in time like every collective of the run (``utils.distributed``).
+    all_gather_into_tensor(all_grads, local_weights_grad)
+    all_gather_into_tensor(all_ids, local_ids)
     return all_grads, all_ids
 
 

@@ -129,7 +129,7 @@ def test_experiment_recipes_match_the_readme() -> None:
         ("+arch.hiden_size=3", "arch.hiden_size: unknown key; allowed keys here: H_cycles"),
         (
             "+global_batchsize=3",
-            "global_batchsize: unknown key; allowed keys here: aggregator, arch, beta1",
+            "global_batchsize: unknown key; allowed keys here: aggregator, allow_data_mismatch",
         ),
         (
             "+arch.loss.los_type=x",

@@ -99,11 +99,8 @@ def test_phases_choose_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_frozen_rank_ends_the_run_with_one_line(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    # No puzzle embedding: its optimizer's all-gather (models.sparse_embedding) is not yet one
-    # of the bounded helpers of utils.distributed, so a timeout there would keep a traceback.
     launcher = _torchrun(
         tmp_path, *FAST, f"data_paths=[{data}]", "global_batch_size=4", "evaluators=[]",
-        "arch.puzzle_emb_ndim=0",
         "epochs=1000", "eval_interval=1000", f"+checkpoint_path={run}",
         f"dist_timeout_s={TIMEOUT_S}", "dist_timeout_slow_s=60",
     )  # fmt: skip

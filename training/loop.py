@@ -32,7 +32,7 @@ from training.evaluation import ema_weights, evaluate
 from training.preemption import InterruptedRunError, StopSignals
 from training.state import TrainState, create_train_state, seed_everything
 from training.step import NonFiniteLossError, any_rank, train_batch
-from utils.distributed import DistInfo, broadcast_object
+from utils.distributed import DistInfo, broadcast_object, collective_phase
 from utils.logging import RunLogger
 
 __all__ = [
@@ -143,15 +143,18 @@ class _Run:
     train_data: PuzzleDataset
     last_checkpoint: Path | None
     saved_at: tuple[int, int, int] | None = None  # the progress the last checkpoint holds
+    slow_next: bool = True  # the next step gets the slow collective timeout
 
     def _progress(self) -> tuple[int, int, int]:
         return (self.state.step, self.state.iteration, self.state.batches_in_iteration)
 
     def save(self) -> None:
-        self.last_checkpoint = save_train_state(
-            self.config, self.state, self.dist_info, self.train_data
-        )
+        with collective_phase(f"checkpoint at step {self.state.step}", slow=True):
+            self.last_checkpoint = save_train_state(
+                self.config, self.state, self.dist_info, self.train_data
+            )
         self.saved_at = self._progress()
+        self.slow_next = True
 
     def interrupt(self, signals: StopSignals) -> InterruptedRunError:
         """Write the checkpoint of the current step; the error to raise."""
@@ -186,10 +189,14 @@ def _train(
         # straight into that evaluation; the data position already points at the next one.
         finished = 0 < train_data.num_batches(iteration) <= state.batches_in_iteration
         for _set_name, batch, _gbs in [] if finished else train_loader:
-            result = train_batch(
-                config, state, batch, dist_info, run.last_checkpoint,
-                stop_requested=signals.requested,
-            )  # fmt: skip
+            # Slow: the first step compiles, and after an evaluation or a checkpoint the other
+            # ranks wait here while rank 0 finishes writing.
+            with collective_phase(f"step {state.step + 1}", slow=run.slow_next):
+                result = train_batch(
+                    config, state, batch, dist_info, run.last_checkpoint,
+                    stop_requested=signals.requested,
+                )  # fmt: skip
+            run.slow_next = False
             state.batches_in_iteration += 1
             if result.metrics is not None and dist_info.is_main:
                 logger.log(result.metrics, step=state.step)
@@ -215,7 +222,8 @@ def _train(
             save_path = None
             if config.checkpoint_path:
                 save_path = Path(config.checkpoint_path) / f"eval_step_{state.step}"
-            with ema_weights(state):
+            phase = collective_phase(f"evaluation at step {state.step}", slow=True)
+            with ema_weights(state), phase:
                 result = evaluate(config, state, eval_loader, evaluators, dist_info, save_path)
             eval_metrics = result.metrics
             if dist_info.is_main:
@@ -225,8 +233,10 @@ def _train(
                     torch.save(result.outputs, save_path / "eval_outputs.pt")
         if config.checkpoint_path and (config.checkpoint_every_eval or is_last):
             run.save()
-        if any_rank(signals.requested, dist_info.device):
-            raise run.interrupt(signals)
+        with collective_phase(f"end of iteration at step {state.step}", slow=True):
+            if any_rank(signals.requested, dist_info.device):
+                raise run.interrupt(signals)
+        run.slow_next = True
         if stop:
             break
     return eval_metrics

@@ -7,7 +7,8 @@
 Prints the metrics (last line: one JSON object), writes ``submission.json`` for ARC and, with
 ``eval_save_outputs``, ``eval_outputs.pt`` (the requested per-example tensors in test-split
 order) into ``output_dir``. Works as plain ``python`` or under ``torchrun``. Input problems end
-with one ``error:`` line and exit code 2.
+with one ``error:`` line and exit code 2 (configuration errors from rank 0 only); a collective
+that times out (another process stuck or gone) with one line and exit code 3.
 """
 
 from __future__ import annotations
@@ -34,8 +35,17 @@ from training.data import create_dataloader
 from training.evaluation import evaluate
 from training.state import TrainState, build_model
 from utils.checkpoint import load_checkpoint_files, load_model_weights, read_state_dict
-from utils.config import ConfigError, compose, validate_model
-from utils.distributed import DistInfo, cleanup, init_distributed
+from utils.config import ConfigError, compose, lenient_overrides, validate_model
+from utils.distributed import (
+    CollectiveError,
+    DistInfo,
+    MainRankError,
+    cleanup,
+    collective_phase,
+    env_rank,
+    exit_now,
+    init_distributed,
+)
 from utils.schema import UserError
 
 
@@ -92,13 +102,21 @@ def resolve(
     return config, weights
 
 
-def require_checkpoint(cfg: DictConfig) -> None:
-    """``checkpoint`` is mandatory (``???`` in the YAML); say so rather than look for ``???``."""
-    if OmegaConf.is_missing(cfg, "checkpoint") or not cfg.get("checkpoint"):
+def load_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
+    """Validate ``cfg``; ``checkpoint`` is mandatory (``???`` in the YAML), which is said after
+    any misspelt key (so that ``chekpoint=x`` is answered as a typo)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    missing = OmegaConf.is_missing(cfg, "checkpoint") or not cfg.get("checkpoint")
+    if missing:
+        data["checkpoint"] = ""
+    ecfg = validate_model(EvaluateConfig, data)
+    if missing:
         raise ConfigError(
             "checkpoint: required; give checkpoint=PATH (a step_N folder or an upstream "
             "state-dict file)"
         )
+    return ecfg
 
 
 def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
@@ -122,13 +140,22 @@ def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
 @hydra.main(config_path="config", config_name="cfg_evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
-        require_checkpoint(cfg)
-        ecfg = validate_model(EvaluateConfig, OmegaConf.to_container(cfg, resolve=True))
+        ecfg = load_evaluate_config(cfg)
         dist_info = init_distributed(ecfg.device)
         try:
-            metrics = run(ecfg, dist_info)
+            # Every collective of an evaluation follows work of unequal length (the
+            # evaluators' results on rank 0): the slow timeout.
+            with collective_phase("evaluation", slow=True):
+                metrics = run(ecfg, dist_info)
         finally:
             cleanup()
+    except CollectiveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        exit_now(3)
+    except (ConfigError, MainRankError) as e:  # the same on every rank: rank 0 reports it
+        if env_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except (UserError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -139,4 +166,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = lenient_overrides(sys.argv[1:])
     main()

@@ -33,6 +33,7 @@ from utils.config import lenient_overrides
 from utils.distributed import (
     CollectiveError,
     DistInfo,
+    MainRankError,
     broadcast_object,
     cleanup,
     collective_phase,
@@ -111,7 +112,7 @@ def main(cfg: DictConfig) -> None:
         if env_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except ConfigError as e:
+    except (ConfigError, MainRankError) as e:  # the same on every rank: rank 0 reports it
         if env_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
         elif env_world_size() > 1:

@@ -71,6 +71,21 @@ def test_evaluate_creates_no_hydra_folder(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_evaluate_answers_a_typo_before_the_missing_checkpoint(tmp_path: Path) -> None:
+    typo = _cli("evaluate.py", "chekpoint=x", cwd=tmp_path)
+    assert typo.returncode == 2
+    (line,) = typo.stderr.strip().splitlines()
+    assert line.startswith("error: chekpoint: unknown key;") and line.endswith(
+        "did you mean checkpoint?"
+    )
+    missing = _cli("evaluate.py", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "error: checkpoint: required; give checkpoint=PATH (a step_N folder or an upstream "
+        "state-dict file)"
+    ]
+
+
 def test_a_batch_larger_than_the_data_is_refused(data: Path, tmp_path: Path) -> None:
     config = make_config(data, tmp_path / "run", "global_batch_size=64", "evaluators=[]")
     with pytest.raises(DataError) as info:

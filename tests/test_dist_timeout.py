@@ -142,19 +142,34 @@ def test_a_frozen_rank_ends_the_run_with_one_line(data: Path, tmp_path: Path) ->
         assert "c10d::" not in text and "silently incorrect" not in text
 
 
-def test_a_config_error_is_one_line_from_rank_0(data: Path, tmp_path: Path) -> None:
-    launcher = _torchrun(tmp_path, *FAST, f"data_paths=[{data}]", "global_batch_size=3")
+@pytest.mark.parametrize("problem", ["batch_size", "unreadable_weights"])
+def test_a_user_error_is_one_line_from_rank_0(data: Path, tmp_path: Path, problem: str) -> None:
+    """A configuration error every rank finds, and a file only rank 0 reads
+    (``load_checkpoint``): one line from rank 0, rank 1 silent, no wait for a timeout."""
+    if problem == "batch_size":
+        overrides = ["global_batch_size=3"]
+        expected = (
+            "error: global_batch_size (3) must be divisible by the number of processes (2); "
+            "change global_batch_size or --nproc-per-node"
+        )
+    else:
+        garbage = tmp_path / "weights.pt"
+        garbage.write_bytes(b"not a checkpoint")
+        overrides = [f"+load_checkpoint={garbage}", "evaluators=[]", "dist_timeout_slow_s=300"]
+        expected = (
+            f"error: {garbage}: not a readable state dict (truncated or not a torch.save file)"
+        )
+    started = time.monotonic()
+    launcher = _torchrun(tmp_path, *FAST, f"data_paths=[{data}]", *overrides)
     try:
         _, launcher_err = launcher.communicate(timeout=120)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
+    assert time.monotonic() - started < 100  # not the 300 s collective timeout
     assert launcher.returncode != 0
     assert re.search(r"exitcode\W+2\W+local_rank\W+0", launcher_err), launcher_err[-2000:]
-    assert _rank_stderr(tmp_path, 0).splitlines() == [
-        "error: global_batch_size (3) must be divisible by the number of processes (2); change "
-        "global_batch_size or --nproc-per-node"
-    ]
+    assert _rank_stderr(tmp_path, 0).splitlines() == [expected]
     assert _rank_stderr(tmp_path, 1) == ""
     assert list((tmp_path / "cwd").iterdir()) == []

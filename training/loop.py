@@ -32,7 +32,7 @@ from training.evaluation import ema_weights, evaluate
 from training.preemption import InterruptedRunError, StopSignals
 from training.state import TrainState, create_train_state, seed_everything
 from training.step import NonFiniteLossError, any_rank, train_batch
-from utils.distributed import DistInfo, broadcast_object, collective_phase
+from utils.distributed import DistInfo, collective_phase, decide_on_main
 from utils.logging import RunLogger
 
 __all__ = [
@@ -106,7 +106,7 @@ def run_training(
     last_checkpoint: Path | None = None
     if config.resume is not None:
         # Rank 0 decides (one view of the shared checkpoint folder) and tells the others.
-        folder = broadcast_object(resolve_resume(config) if dist_info.is_main else None)
+        folder = decide_on_main(lambda: resolve_resume(config), dist_info.is_main)
         if folder is not None:
             resume_train_state(folder, state, dist_info, train_data, config)
             last_checkpoint = folder

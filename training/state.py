@@ -28,7 +28,7 @@ from models.recursive_reasoning.common import ModelDims
 from training.config import PretrainConfig, check_world_size
 from training.optimizers import NamedOptimizer, apply_run_hyperparameters, build_optimizers
 from utils import checkpoint as ckpt
-from utils.distributed import DistInfo, broadcast_tensors_
+from utils.distributed import DistInfo, broadcast_tensors_, decide_on_main
 
 
 class StepStrategy(Protocol):
@@ -207,10 +207,13 @@ def create_train_state(
     from training.strategies import build_strategy
 
     head, family = build_model(config, data, dist_info)
-    if config.load_checkpoint and dist_info.is_main:
-        ckpt.load_model_weights(
-            head, weights_for_loading(Path(config.load_checkpoint)), source=config.load_checkpoint
-        )
+    if config.load_checkpoint:
+        source = config.load_checkpoint
+
+        def load() -> None:
+            ckpt.load_model_weights(head, weights_for_loading(Path(source), config), source=source)
+
+        decide_on_main(load, dist_info.is_main)  # rank 0 reads; a bad file stops every rank
     # Every rank starts from rank 0's parameters and buffers (puzzle table, init states).
     broadcast_tensors_([*head.parameters(), *head.buffers()])
     groups = family.optimizer_groups(head, config.freeze_weights)

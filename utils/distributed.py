@@ -56,6 +56,11 @@ class CollectiveTimeoutError(CollectiveError):
     """A collective waited longer than its timeout for the other processes."""
 
 
+class MainRankError(UserError):
+    """Rank 0's user error, raised on the other ranks by ``decide_on_main`` (rank 0 reports
+    it; the entry points keep the others silent)."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process sits: rank, world size, its device and the CPU (gloo) group."""
@@ -271,6 +276,30 @@ def all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor) -> torch.
 
     _collective("all_gather", None, run)
     return output
+
+
+def decide_on_main(decide: Callable[[], T], is_main: bool) -> T:
+    """``decide()`` run on rank 0 alone (one view of shared files), its result on every rank.
+
+    A ``UserError`` or ``FileNotFoundError`` it raises is raised on every rank (as itself on
+    rank 0, as ``MainRankError`` elsewhere) instead of leaving the others waiting for a
+    broadcast that never comes.
+    """
+    if not is_distributed():
+        return decide()
+    result: Any = None
+    error: Exception | None = None
+    if is_main:
+        try:
+            result = decide()
+        except (UserError, FileNotFoundError) as e:
+            error = e
+    result, message = broadcast_object((result, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise MainRankError(message)
+    return result
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

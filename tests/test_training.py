@@ -332,11 +332,17 @@ def test_two_gloo_processes_equal_one(arc_data: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "objective",
     [
-        ["objective=lm_loss_vs_q_halt_loss"],
-        ["objective=stack_supervisions"],
-        ["objective=pixelwise_q_halt_in", "objective.groups=4", "objective.gramian=heads"],
+        pytest.param(["objective=lm_loss_vs_q_halt_loss"], id="lm_vs_halt"),
+        # About 30 s each on 2 cores: the stacked and gramian=heads layouts run in -m slow.
+        pytest.param(
+            ["objective=stack_supervisions"], id="stack_supervisions", marks=pytest.mark.slow
+        ),
+        pytest.param(
+            ["objective=pixelwise_q_halt_in", "objective.groups=4", "objective.gramian=heads"],
+            id="pixel_groups_heads",
+            marks=pytest.mark.slow,
+        ),
     ],
-    ids=["lm_vs_halt", "stack_supervisions", "pixel_groups_heads"],
 )
 def test_shared_objectives_aggregate_globally_across_ranks(
     objective: list[str], arc_data: Path, tmp_path: Path

@@ -423,10 +423,14 @@ def _write_split(
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def parse_args(argv: Sequence[str] | None) -> BuildConfig:
-    p = argparse.ArgumentParser(
-        prog="python -m dataset.build_arc_dataset", description=__doc__.split("\n\n")[0]
-    )
+def parse_args(
+    argv: Sequence[str] | None,
+    *,
+    prog: str = "python -m dataset.build_arc_dataset",
+    split_policy: str | None = None,
+) -> BuildConfig:
+    """The validated options; ``split_policy`` fixes ``--split-policy`` to that one choice."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument(*flag_aliases("output_dir"), dest="output_dir", required=True)
     src = p.add_mutually_exclusive_group()
     src.add_argument(
@@ -456,7 +460,10 @@ def parse_args(argv: Sequence[str] | None) -> BuildConfig:
         default=1,
     )
     p.add_argument(
-        *flag_aliases("split_policy"), dest="split_policy", choices=["trm", "strict"], default="trm"
+        *flag_aliases("split_policy"),
+        dest="split_policy",
+        choices=["trm", "strict"] if split_policy is None else [split_policy],
+        default=split_policy or "trm",
     )
     p.add_argument(
         *flag_aliases("max_tasks"),
@@ -507,8 +514,15 @@ def parse_args(argv: Sequence[str] | None) -> BuildConfig:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse_args(argv)
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "python -m dataset.build_arc_dataset",
+    split_policy: str | None = None,
+) -> None:
+    """Build from the command line ``argv``; ``split_policy`` fixes the routing (see
+    ``dataset.build_arc_dataset_encoder``)."""
+    cfg = parse_args(argv, prog=prog, split_policy=split_policy)
     metadata = build(cfg)
     for split, meta in metadata.items():
         print(

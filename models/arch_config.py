@@ -1,9 +1,10 @@
 """The base of every architecture schema (``config/arch/*.yaml``) and its registry.
 
 An architecture config names its model (``name``, canonical after validation), its loss head
-(``loss``) and answers what the training side asks of it: whether the model learns to halt and
-whether it produces per-H-cycle losses. Schemas register themselves in ``ARCH_CONFIGS`` under a
-short name with upstream's ``module@Class`` string as an alias.
+(``loss``) and answers what the training side asks of it: whether the model learns to halt,
+whether it produces per-H-cycle losses or a KL term, and how many optimizer steps it takes per
+batch. Schemas register themselves in ``ARCH_CONFIGS`` under a short name with upstream's
+``module@Class`` string as an alias.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class LossConfig(StrictModel):
             raise ValueError(f"unknown loss head '{name}'; choose one of: {choices}")
         return data
 
+    def head_options(self) -> dict[str, Any]:
+        """Keyword arguments of the loss head (``LOSS_HEADS``) besides the model."""
+        return {"loss_type": self.loss_type, "differential_loss": self.differential_loss}
+
 
 class ArchConfig(StrictModel):
     """Base of every architecture schema: ``name`` and ``loss``, plus the model's capabilities.
@@ -68,9 +73,21 @@ class ArchConfig(StrictModel):
         """Whether the model outputs per-H-cycle logits (``internal_token_loss``)."""
         return False
 
+    @property
+    def has_kl_loss(self) -> bool:
+        """Whether the loss has a KL term (a variational encoder, ``LossOutput.kl_loss``)."""
+        return False
+
+    @property
+    def optimizer_steps_per_batch(self) -> int | None:
+        """Optimizer steps taken on each batch, a fixed number for fixed-computation-time
+        models (ETRM-FCT: ``num_act_steps``); None for dynamic ACT, one step per batch with
+        the carry persisting across batches."""
+        return None
+
 
 ARCH_CONFIGS: Registry[type[ArchConfig]] = Registry(
-    "architecture", modules=["models.recursive_reasoning.configs"]
+    "architecture", modules=["models.recursive_reasoning.configs", "models.etrm.configs"]
 )
 
 

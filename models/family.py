@@ -31,6 +31,9 @@ class Capabilities:
     sparse_embedding: bool  # a puzzle-embedding table trained row-sparsely by sign-SGD
     per_sample_layers: bool  # every weight lives in a layer that can keep per-sample gradients
     traceable: bool  # ``record_steps`` can record its latents
+    # The loss has a KL term (``LossOutput.kl_loss``, a variational encoder) that only the
+    # summed objective includes: Jacobian-descent objectives do not split it.
+    kl_loss: bool = False
 
 
 @dataclass
@@ -38,12 +41,14 @@ class OptimizerGroup:
     """Tensors one optimizer trains.
 
     ``kind`` names the optimizer (``sign_sgd`` for row-sparse tables, ``adam_atan2`` for dense
-    weights); ``lr_scale`` multiplies the run's learning rate of that kind.
+    weights); ``lr_scale`` multiplies the run's learning rate of that kind and
+    ``weight_decay_scale`` its weight decay (ETRM's separate encoder optimizer: 0.1).
     """
 
     kind: str
     tensors: list[torch.Tensor] = field(default_factory=list)
     lr_scale: float = 1.0
+    weight_decay_scale: float = 1.0
 
 
 class ModelFamily(ABC):
@@ -57,11 +62,14 @@ class ModelFamily(ABC):
         """The loss head around a fresh model (state-dict keys ``model.inner....``)."""
 
     @abstractmethod
-    def optimizer_groups(self, head: nn.Module, freeze_weights: bool) -> dict[str, OptimizerGroup]:
+    def optimizer_groups(
+        self, head: nn.Module, freeze_weights: bool, encoder_lr_scale: float = 0.0
+    ) -> dict[str, OptimizerGroup]:
         """Optimizer groups by name, in a fixed order (checkpoints key optimizers by it).
 
         ``freeze_weights`` trains only the row-sparse tables: the dense weights get
-        ``requires_grad_(False)`` and no group.
+        ``requires_grad_(False)`` and no group. ``encoder_lr_scale > 0`` gives a demonstration
+        encoder its own group at that learning-rate scale (families without one refuse it).
         """
 
     @abstractmethod
@@ -73,9 +81,14 @@ class ModelFamily(ABC):
         tables = [m for m in head.modules() if isinstance(m, CastedSparseEmbedding)]
         return tables[0] if tables else None
 
+    def norm_groups(self, head: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Named parts of ``head``'s trainable parameters whose gradient norms are logged apart
+        (before clipping), e.g. ``{"encoder": [...], "decoder": [...]}``; none by default."""
+        return {}
+
 
 FAMILIES: Registry[ModelFamily] = Registry(
-    "model family", modules=["models.recursive_reasoning.family"]
+    "model family", modules=["models.recursive_reasoning.family", "models.etrm.family"]
 )
 
 

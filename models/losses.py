@@ -15,6 +15,11 @@ fill ``LossOutput.internal_token_loss`` when the model outputs per-H-cycle logit
 fork's ``differential_loss`` flag (the LM loss sees the logits minus the previous supervision
 step's).
 
+For demonstration-conditioned models (ETRM, ``models.etrm``) the head also adds a variational
+encoder's KL term (``kl_weight · Σ_b KL_b``, reduced like the other terms), passes the model's
+encoder diagnostics through to the metrics and, with ``all_steps_metrics``, adds ETRM's training
+metrics counted over every row at every step (``all_steps/...``) beside TRM's at-halt ones.
+
 Registries: ``LOSS_FUNCTIONS`` (``arch.loss.loss_type``), ``LOSS_HEADS`` (``arch.loss.name``,
 with upstream's ``losses@ACTLossHead`` alias).
 """
@@ -35,6 +40,11 @@ from utils.registry import Registry
 from utils.schema import ConfigError
 
 HALT_LOSS_WEIGHT = 0.5  # upstream: lm_loss + 0.5 · (q_halt_loss + q_continue_loss)
+
+# Optional entries of a model's outputs dict read by the loss head.
+KL_OUTPUT = "kl_per_sample"  # float32 [B]: each row's KL divergence (variational encoders)
+DIAGNOSTICS_OUTPUT = "diagnostics"  # dict[str, Tensor]: detached metric sums, passed through
+ALL_STEPS_PREFIX = "all_steps"  # ETRM's metric family: every row with labels, at every step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,6 +171,9 @@ class LossOutput:
       Not part of ``total()``. None for other models.
     * ``has_halting``: False when the halting losses are constant zeros (no Q head to train),
       so objectives can leave them out.
+    * ``kl_loss`` [B] float32 or None: a variational encoder's per-row KL divergence, with grad;
+      ``total()`` adds ``kl_weight · Σ_b kl_loss_b``, reduced like the LM and halting terms
+      (ETRM averaged it over the batch before the loop divided by the batch again).
     """
 
     token_loss: Tensor
@@ -174,6 +187,8 @@ class LossOutput:
     row_metrics: dict[str, Tensor] = field(default_factory=dict)
     internal_token_loss: list[Tensor] | None = None
     has_halting: bool = True
+    kl_loss: Tensor | None = None
+    kl_weight: float = 0.0
 
     @property
     def normalized_token_loss(self) -> Tensor:
@@ -194,7 +209,8 @@ class LossOutput:
         return HALT_LOSS_WEIGHT * halt_B
 
     def total(self) -> Tensor:
-        """Upstream's scalar: Σ_b lm_loss_per_sample + 0.5 · (Σ_b q_halt + Σ_b q_continue).
+        """Upstream's scalar: Σ_b lm_loss_per_sample + 0.5 · (Σ_b q_halt + Σ_b q_continue),
+        plus ``kl_weight · Σ_b kl_loss`` when the model has a KL term.
 
         Summed over the local batch, not divided by anything: the training loop divides by the
         global batch size once. ``internal_token_loss`` is not included (the JD fork's ``sum``
@@ -203,7 +219,10 @@ class LossOutput:
         halt = self.q_halt_loss.sum()
         if self.q_continue_loss is not None:
             halt = halt + self.q_continue_loss.sum()
-        return self.normalized_token_loss.sum() + HALT_LOSS_WEIGHT * halt
+        total = self.normalized_token_loss.sum() + HALT_LOSS_WEIGHT * halt
+        if self.kl_loss is not None:
+            total = total + self.kl_weight * self.kl_loss.sum()
+        return total
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +255,16 @@ def sum_row_metrics(row_metrics: dict[str, Tensor], halted: Tensor) -> dict[str,
     return metrics
 
 
+def all_steps_metrics(row_metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+    """ETRM's training metric sums, over every row with labels at this step whether it halted
+    or not: ``all_steps/count``, ``/accuracy``, ``/exact_accuracy`` and, with halting,
+    ``/q_halt_accuracy``. Divide by ``all_steps/count`` after summing over processes."""
+    every_row = torch.ones_like(row_metrics["has_labels"])
+    sums = sum_row_metrics(row_metrics, every_row)
+    keys = ("count", "accuracy", "exact_accuracy", "q_halt_accuracy")
+    return {f"{ALL_STEPS_PREFIX}/{k}": sums[k] for k in keys if k in sums}
+
+
 def _detach_output(value: Tensor | list[Tensor]) -> Tensor:
     """A detached model output; a per-cycle list [H + 1] × [B, ...] becomes [B, H + 1, ...]."""
     if isinstance(value, Tensor):
@@ -258,6 +287,12 @@ class ACTLossHead(nn.Module):
     ``logits − outputs["previous_logits"]``, the previous supervision step's detached final
     logits carried by the model (its init buffer for a slot that just started); predictions
     and metrics still use the logits themselves. A model without them raises ``ConfigError``.
+
+    A model with a variational encoder outputs ``outputs["kl_per_sample"]`` [B]: it becomes
+    ``LossOutput.kl_loss`` with weight ``kl_weight``, and the metrics ``kl_loss`` (Σ_b KL_b)
+    and ``kl_loss_weighted`` (``kl_weight`` times it). ``outputs["diagnostics"]`` (detached
+    metric sums) are added to the metrics as they are. ``all_steps_metrics`` adds
+    ``all_steps_metrics(row_metrics)``.
     """
 
     has_halting: ClassVar[bool] = True
@@ -267,12 +302,16 @@ class ACTLossHead(nn.Module):
         model: nn.Module,
         loss_type: str = "stablemax_cross_entropy",
         differential_loss: bool = False,
+        kl_weight: float = 0.0,
+        all_steps_metrics: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
         self.loss_type = LOSS_FUNCTIONS.canonical(loss_type)
         self.loss_fn = LOSS_FUNCTIONS.get(self.loss_type)
         self.differential_loss = differential_loss
+        self.kl_weight = kl_weight
+        self.all_steps_metrics = all_steps_metrics
 
     def initial_carry(self, *args: Any, **kwargs: Any) -> Any:
         """The model's initial carry (every slot halted, so the first step loads the batch)."""
@@ -343,6 +382,9 @@ class ACTLossHead(nn.Module):
                 q_halt_B = outputs["q_halt_logits"]
                 row_metrics["q_halt_accuracy"] = (q_halt_B >= 0) == seq_is_correct_B
             metrics = sum_row_metrics(row_metrics, new_carry.halted)
+            if self.all_steps_metrics:
+                metrics.update(all_steps_metrics(row_metrics))
+            metrics.update(outputs.get(DIAGNOSTICS_OUTPUT, {}))
 
         lm_input_BSV = logits_BSV
         if self.differential_loss:
@@ -364,7 +406,12 @@ class ACTLossHead(nn.Module):
                 for i in range(len(cycle_logits) - 1)
             ]
 
-        detached_outputs = {k: _detach_output(outputs[k]) for k in return_keys if k in outputs}
+        kl_B = outputs.get(KL_OUTPUT)
+        detached_outputs = {
+            k: _detach_output(outputs[k])
+            for k in return_keys
+            if k in outputs and k != DIAGNOSTICS_OUTPUT
+        }
         detached_outputs["preds"] = preds_BS
         result = LossOutput(
             token_loss=token_loss_BS,
@@ -378,12 +425,17 @@ class ACTLossHead(nn.Module):
             row_metrics=row_metrics,
             internal_token_loss=internal,
             has_halting=self.has_halting,
+            kl_loss=kl_B,
+            kl_weight=self.kl_weight,
         )
         with torch.no_grad():
             metrics["lm_loss"] = result.normalized_token_loss.sum()
             metrics["q_halt_loss"] = q_halt_loss_B.sum()
             if q_continue_loss_B is not None:
                 metrics["q_continue_loss"] = q_continue_loss_B.sum()
+            if kl_B is not None:
+                metrics["kl_loss"] = kl_B.sum()
+                metrics["kl_loss_weighted"] = self.kl_weight * metrics["kl_loss"]
             for i, loss_BS in enumerate(internal or []):
                 metrics[f"cycle{i}_lm_loss"] = loss_BS.sum()
         return result

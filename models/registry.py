@@ -6,6 +6,8 @@ strings resolve through the config registry's aliases before they get here.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from models.arch_config import ARCH_CONFIGS, ArchConfig
@@ -23,6 +25,7 @@ MODELS: Registry[type[ACTModel]] = Registry(
         "models.recursive_reasoning.trm_hier6",
         "models.recursive_reasoning.hrm",
         "models.recursive_reasoning.transformers_baseline",
+        "models.etrm.model",
     ],
 )
 
@@ -33,16 +36,13 @@ def build_model(config: ArchConfig, dims: ModelDims) -> ACTModel:
     return MODELS.get(name)(config, dims)
 
 
-def build_loss_head(config: ArchConfig, dims: ModelDims) -> nn.Module:
-    """``config.loss.name`` wrapped around the model (state-dict keys ``model.inner...``)."""
+def build_loss_head(config: ArchConfig, dims: ModelDims, **head_options: Any) -> nn.Module:
+    """``config.loss.name`` wrapped around the model (state-dict keys ``model.inner...``), built
+    with ``config.loss.head_options()`` and the family's own ``head_options``."""
     from models.losses import LOSS_HEADS
 
     model = build_model(config, dims)
-    return LOSS_HEADS.get(config.loss.name)(
-        model,
-        loss_type=config.loss.loss_type,
-        differential_loss=config.loss.differential_loss,
-    )
+    return LOSS_HEADS.get(config.loss.name)(model, **config.loss.head_options(), **head_options)
 
 
 def describe_model(module: nn.Module) -> dict[str, int]:

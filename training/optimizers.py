@@ -4,7 +4,8 @@ A family names its groups and their kind (``models.family.OptimizerGroup``); thi
 each kind to an optimizer and to the run's hyper-parameters of that kind, as upstream
 ``pretrain.py`` (``create_model``) does: sign-SGD with ``puzzle_emb_lr`` /
 ``puzzle_emb_weight_decay`` for the puzzle table, AdamATan2 with ``lr``, ``weight_decay``,
-``beta1``, ``beta2`` for the weights. Both follow warm-up + cosine.
+``beta1``, ``beta2`` for the weights. Both follow warm-up + cosine. A group's ``lr_scale`` and
+``weight_decay_scale`` multiply its kind's learning rate and weight decay.
 """
 
 from __future__ import annotations
@@ -64,11 +65,13 @@ OPTIMIZER_KINDS.add(
 
 @dataclass
 class NamedOptimizer:
-    """One optimizer of the run with its group's kind and base learning rate."""
+    """One optimizer of the run with its group's kind, base learning rate and weight-decay
+    scale."""
 
     kind: str
     optimizer: torch.optim.Optimizer
     base_lr: float
+    weight_decay_scale: float = 1.0
 
 
 def build_optimizers(
@@ -78,18 +81,24 @@ def build_optimizers(
     optimizers = {}
     for name, group in groups.items():
         kind = OPTIMIZER_KINDS.get(group.kind)
-        optimizers[name] = NamedOptimizer(
+        named = NamedOptimizer(
             kind=group.kind,
             optimizer=kind.build(group.tensors, config, world_size),
             base_lr=kind.base_lr(config) * group.lr_scale,
+            weight_decay_scale=group.weight_decay_scale,
         )
+        apply_run_hyperparameters(named, config)
+        optimizers[name] = named
     return optimizers
 
 
 def apply_run_hyperparameters(named: NamedOptimizer, config: PretrainConfig) -> None:
-    """Set the run's weight decay (and betas) on every param group, e.g. after loading a state
-    saved by a run with other values."""
-    values = OPTIMIZER_KINDS.get(named.kind).hyperparameters(config)
+    """Set the run's weight decay (times the group's scale) and betas on every param group,
+    e.g. after loading a state saved by a run with other values."""
+    values = dict(OPTIMIZER_KINDS.get(named.kind).hyperparameters(config))
+    weight_decay = values.get("weight_decay")
+    if isinstance(weight_decay, int | float):
+        values["weight_decay"] = weight_decay * named.weight_decay_scale
     for group in named.optimizer.param_groups:
         group.update(values)
 

@@ -1,0 +1,1 @@
+"""Encoder-conditioned TRM (ETRM): arch configs, the model and its family."""

@@ -39,7 +39,7 @@ from utils.schema import ConfigError
 Batch = dict[str, torch.Tensor]
 Tensor = torch.Tensor
 State = dict[str, torch.Tensor] | None
-DIMS = ModelDims(batch_size=4, seq_len=12, vocab_size=6, num_puzzle_identifiers=5)
+DIMS = ModelDims(batch_size=4, seq_len=16, vocab_size=6, num_puzzle_identifiers=5)  # 4 × 4 grids
 K = 3  # demo slots
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -271,6 +271,24 @@ def test_every_step_gives_the_encoder_gradient_from_every_row() -> None:
     out.total().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder_params(head))
     assert CONTEXT not in carry.current_data  # nothing is cached in this mode
+
+
+REAL_ENCODERS = [n for n in ENCODERS.names() if not ENCODERS.get(n).is_recurrent]
+
+
+@pytest.mark.parametrize("encoder_type", REAL_ENCODERS)
+def test_every_registered_encoder_learns_through_the_act_loop(encoder_type: str) -> None:
+    head = build(etrm_config(encoder_type=encoder_type, encoder_num_layers=1))
+    head.train()
+    b = demo_batch()
+    carry = head.initial_carry(b)
+    for _ in range(2):
+        out = step(head, carry, b)
+        carry = out.new_carry
+    out.total().backward()
+    grads = {n: p.grad for n, p in head.model.encoder.named_parameters()}
+    assert [n for n, g in grads.items() if g is None] == []
+    assert sum(float(g.norm()) for g in grads.values()) > 0
 
 
 def test_on_reset_detached_gives_gradient_from_reset_rows_only() -> None:

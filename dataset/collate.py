@@ -4,8 +4,11 @@ Upstream's loader (upstream ``puzzle_dataset.py``, ``PuzzleDataset._collate_batc
 the same three fields. Here a model family asks for the fields it needs by name; each name is a
 builder that reads one rank's rows and returns one padded array. A new field is one function::
 
-    @BATCH_FIELDS.register("demo_inputs")
-    def build_demo_inputs(source: BatchSource) -> np.ndarray: ...
+    @BATCH_FIELDS.register("my_field")
+    def build_my_field(source: BatchSource) -> np.ndarray: ...
+
+in a module the registry imports on its first lookup (``dataset.demos`` holds the
+demonstration fields ``demo_inputs``, ``demo_labels``, ``demo_mask`` and ``group_ids``).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ class BatchSource:
     """What a field builder reads: this rank's share of one global batch of one set.
 
     ``rows`` and ``puzzles`` are int64 [n], n <= local_batch_size (fewer in a short test
-    window): example rows of ``set_data`` and the puzzle each belongs to. A builder returns an
-    array with ``local_batch_size`` rows, the rows past n being padding.
+    window): example rows of ``set_data`` and the puzzle each belongs to. ``demo_rows`` is the
+    sampler's int64 [n, K] choice of each row's demonstrations (-1: empty slot), or None when the
+    sampler chooses none. A builder returns an array with ``local_batch_size`` rows, the rows past
+    n being padding.
     """
 
     reader: PuzzleReader
@@ -39,6 +44,7 @@ class BatchSource:
     puzzles: np.ndarray
     contiguous: bool
     local_batch_size: int
+    demo_rows: np.ndarray | None = None
 
     @property
     def metadata(self) -> PuzzleDatasetMetadata:
@@ -58,7 +64,7 @@ class BatchSource:
 
 
 FieldBuilder = Callable[[BatchSource], np.ndarray]
-BATCH_FIELDS: Registry[FieldBuilder] = Registry("batch field")
+BATCH_FIELDS: Registry[FieldBuilder] = Registry("batch field", modules=["dataset.demos"])
 
 
 @BATCH_FIELDS.register("inputs")
@@ -95,9 +101,10 @@ def resolve_fields(fields: Sequence[str]) -> tuple[str, ...]:
 class Collator:
     """Builds ``fields`` for rank ``rank``'s slice of each global batch.
 
-    Rank r takes rows ``[r * local_batch_size, (r + 1) * local_batch_size)`` of the global batch,
-    so the ranks' batches concatenated are the single-process batch. Unknown or repeated field
-    names raise a one-line ``ValueError`` here, before any batch is built.
+    Rank r takes rows ``[r * local_batch_size, (r + 1) * local_batch_size)`` of the global batch
+    (their demo rows too), so the ranks' batches concatenated are the single-process batch.
+    Unknown or repeated field names raise a one-line ``ValueError`` here, before any batch is
+    built.
     """
 
     def __init__(
@@ -123,5 +130,6 @@ class Collator:
             batch.puzzles[local],
             batch.contiguous,
             self.local_batch_size,
+            None if batch.demo_rows is None else batch.demo_rows[local],
         )
         return {name: torch.from_numpy(BATCH_FIELDS.get(name)(source)) for name in self.fields}

@@ -5,7 +5,8 @@
 * ``dataset.sampling.SAMPLERS`` plans which examples form each global batch: ``uniform``
   (upstream ``puzzle_dataset.py``, ``PuzzleDataset._iter_train``) for training and
   ``sequential`` (``PuzzleDataset._iter_test``) for ``test_set_mode``, unless ``sampler`` names
-  another one.
+  another one (``few_shot`` and ``few_shot_eval`` of ``dataset.few_shot`` also choose each
+  row's demonstrations, with ``sampler_options`` such as ``max_demos``).
 * ``dataset.collate.Collator`` builds the requested ``fields`` for this rank's slice.
 
 Position: ``state_dict()`` records upstream's iteration counter and how many batches of the
@@ -15,6 +16,7 @@ continues with exactly the batches the original iterator would have produced nex
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +42,10 @@ class PuzzleDatasetConfig(BaseModel):
     """Upstream's loader config; ``epochs_per_iter`` epochs are batched into one iteration.
 
     ``sampler`` names an entry of ``dataset.sampling.SAMPLERS``; ``None`` is the mode's own,
-    ``uniform`` for training and ``sequential`` for ``test_set_mode``. ``fields`` names the batch
-    fields (entries of ``dataset.collate.BATCH_FIELDS``) the model reads.
+    ``uniform`` for training and ``sequential`` for ``test_set_mode``. ``sampler_options`` are
+    keyword arguments of that sampler (the few-shot samplers': ``max_demos``, ``max_groups``,
+    ``target_policy``). ``fields`` names the batch fields (entries of
+    ``dataset.collate.BATCH_FIELDS``) the model reads.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -54,6 +58,7 @@ class PuzzleDatasetConfig(BaseModel):
     rank: int = Field(default=0, ge=0)
     num_replicas: int = Field(default=1, gt=0)
     sampler: str | None = None
+    sampler_options: dict[str, int | str | None] = Field(default_factory=dict)
     fields: list[str] = Field(default_factory=lambda: list(DEFAULT_FIELDS), min_length=1)
 
     @model_validator(mode="after")
@@ -66,6 +71,19 @@ class PuzzleDatasetConfig(BaseModel):
                 f"{self.num_replicas} (the world size); change global_batch_size"
             )
         return self
+
+
+def _check_sampler_options(name: str, sampler_cls: type, options: Mapping[str, Any]) -> None:
+    """Refuse, before any file is read, an option the sampler does not take (one line)."""
+    parameters = inspect.signature(sampler_cls).parameters
+    shared = {"sets", "metadata", "seed", "global_batch_size", "epochs_per_iter"}
+    own = [p for p in parameters if p not in shared]
+    unknown = [key for key in options if key not in own]
+    if unknown:
+        raise ConfigError(
+            f"sampler '{name}' has no option {', '.join(repr(k) for k in unknown)}; its options: "
+            f"{', '.join(own) or 'none'}"
+        )
 
 
 @dataclass(frozen=True)
@@ -121,6 +139,7 @@ class PuzzleDataset(IterableDataset):
         except ValueError as e:
             raise ConfigError(f"sampler: {e}") from None
         sampler_cls = SAMPLERS.get(self.sampler_name)
+        _check_sampler_options(self.sampler_name, sampler_cls, self.config.sampler_options)
         resolve_fields(self.config.fields)
         self.reader = PuzzleReader(self.config.dataset_paths, split)
         self.collator = Collator(
@@ -135,6 +154,7 @@ class PuzzleDataset(IterableDataset):
             seed=self.config.seed,
             global_batch_size=self.config.global_batch_size,
             epochs_per_iter=self.config.epochs_per_iter,
+            **self.config.sampler_options,
         )
         self._sets = self.reader.sets
         self.metadata = self.reader.metadata
@@ -228,10 +248,13 @@ class PuzzleDataset(IterableDataset):
         return self._state(self._pending if self._pending is not None else self._position)
 
     def _identity(self) -> dict[str, Any]:
-        """What a state must agree on; ``sampler`` only when not the mode's own (format v1)."""
+        """What a state must agree on; ``sampler`` only when not the mode's own and
+        ``sampler_options`` only when given (format v1)."""
         identity = {field: getattr(self.config, field) for field in _STATE_CONFIG_FIELDS}
         if self.sampler_name != self._default_sampler:
             identity["sampler"] = self.sampler_name
+        if self.config.sampler_options:
+            identity["sampler_options"] = dict(sorted(self.config.sampler_options.items()))
         identity["sets"] = [s.name for s in self._sets]
         return identity
 

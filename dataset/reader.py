@@ -9,6 +9,12 @@ Layout, per dataset path and split, whichever exists (the folder is preferred)::
 ``<set>__<field>`` and ``<path>/<split>.json`` is that split's ``dataset.json``. Use the folder
 layout for large datasets: only it is memory-mapped.
 
+The optional ``<set>__num_demos`` array (ARC builds: this repository's and ETRM's encoder
+builder) says how many of each puzzle's examples, at its start, are demonstration pairs; it is
+read into ``SetData.num_demos`` when present. ETRM's builder writes no ``split_policy``: a split
+whose every puzzle starts with at least one demonstration is read as ``strict``, the only policy
+that builder has (its test split holds the evaluation tasks' demos).
+
 One module past 400 lines on purpose: the two layouts share every validation step, and the
 checks read best next to the reads they guard.
 """
@@ -70,6 +76,19 @@ class SplitSource:
         if self.kind == "npy":
             return str(self.location / f"{set_name}__{field}.npy")
         return f"{self.location}[{set_name}__{field}]"
+
+    def has(self, set_name: str, field: str) -> bool:
+        """Whether the split stores the array ``<set_name>__<field>``."""
+        member = f"{set_name}__{field}.npy"
+        if self.kind == "npy":
+            return (self.location / member).is_file()
+        try:
+            with zipfile.ZipFile(self.location) as zf:
+                return member in zf.namelist()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DataError(
+                f"{self.location}: unreadable archive ({e}); rebuild the dataset"
+            ) from e
 
     def header(self, set_name: str, field: str) -> tuple[tuple[int, ...], np.dtype]:
         """Shape and dtype of one array, read from its header only."""
@@ -229,6 +248,32 @@ def _check_indices(
         )
 
 
+def _load_num_demos(
+    source: SplitSource, set_name: str, puzzle_indices: np.ndarray
+) -> np.ndarray | None:
+    """``<set>__num_demos`` as int64 [P], checked against the puzzles; None when not stored."""
+    if not source.has(set_name, "num_demos"):
+        return None
+    desc = source.describe(set_name, "num_demos")
+    arr = source.load(set_name, "num_demos", mmap=False)
+    puzzles = puzzle_indices.size - 1
+    if arr.shape != (puzzles,) or not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(
+            f"{desc}: expected {puzzles} integers, one per puzzle in puzzle_indices, got "
+            f"{arr.dtype} {arr.shape}; rebuild the dataset"
+        )
+    num_demos = arr.astype(np.int64)
+    examples = np.diff(puzzle_indices.astype(np.int64))
+    bad = np.flatnonzero((num_demos < 0) | (num_demos > examples))
+    if bad.size:
+        p = int(bad[0])
+        raise DataError(
+            f"{desc}: puzzle {p} has num_demos {int(num_demos[p])} outside [0, {int(examples[p])}] "
+            "(its examples); the arrays come from different builds, rebuild the dataset"
+        )
+    return num_demos
+
+
 @dataclass
 class SetData:
     """One yielded set: index arrays in memory (identifiers already offset), tokens in files."""
@@ -240,6 +285,8 @@ class SetData:
     puzzle_indices: np.ndarray  # int64 [P+1], example offsets per puzzle
     group_indices: np.ndarray  # int64 [G+1], puzzle offsets per group
     num_examples: int
+    # int64 [P]: demonstration pairs at the start of each puzzle; None when not stored
+    num_demos: np.ndarray | None = None
 
     @property
     def num_groups(self) -> int:
@@ -302,6 +349,12 @@ class PuzzleReader:
             self._load_set(sources[k], metadatas[k], stored_name, name, k)
             for stored_name, k, name in layout
         ]
+        for k, metadata in enumerate(metadatas):
+            demos = [s.num_demos for (_, j, _), s in zip(layout, self.sets, strict=True) if j == k]
+            if metadata.split_policy is None and all(
+                n is not None and n.size > 0 and int(n.min()) > 0 for n in demos
+            ):
+                metadatas[k] = metadata.model_copy(update={"split_policy": "strict"})
 
         total_puzzles = sum(m.total_puzzles for m in metadatas)
         weighted = sum(m.mean_puzzle_examples * m.total_puzzles for m in metadatas)
@@ -386,6 +439,7 @@ class PuzzleReader:
             puzzle_indices=puzzle_indices.astype(np.int64),
             group_indices=group_indices.astype(np.int64),
             num_examples=num_examples,
+            num_demos=_load_num_demos(source, stored_name, puzzle_indices),
         )
         for field in TOKEN_FIELDS:
             arr = self._tokens(set_data, field)

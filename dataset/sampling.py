@@ -20,6 +20,9 @@ Registered here:
 * ``sequential``: upstream's test mode (``PuzzleDataset._iter_test``), every example once in
   order, in windows of ``global_batch_size``.
 
+``dataset.few_shot`` registers the samplers that also choose each row's demonstrations
+(``few_shot``, ``few_shot_eval``); the registry imports it on the first lookup.
+
 A new sampler subclasses ``Sampler`` and registers itself with ``@SAMPLERS.register("name")``.
 """
 
@@ -45,12 +48,15 @@ class BatchRows:
     ``rows`` and ``puzzles`` are int64 [n] with n <= global_batch_size: the example rows of the
     set in batch order and the puzzle (index into ``puzzle_indices``) each row belongs to.
     ``contiguous`` promises ``rows`` are consecutive, so they can be read as one slice.
+    ``demo_rows`` is int64 [n, K] for samplers that choose each row's demonstrations: the example
+    rows of the set shown as its demos, in slot order, -1 for an empty slot; None otherwise.
     """
 
     rows: np.ndarray
     puzzles: np.ndarray
     global_effective_batch_size: int
     contiguous: bool
+    demo_rows: np.ndarray | None = None
 
 
 class SetPlan(ABC):
@@ -118,7 +124,7 @@ class Sampler(ABC):
         )
 
 
-SAMPLERS: Registry[type[Sampler]] = Registry("sampler")
+SAMPLERS: Registry[type[Sampler]] = Registry("sampler", modules=["dataset.few_shot"])
 
 
 @dataclass

@@ -1,15 +1,63 @@
 """The run's loaders: upstream's ``PuzzleDataset`` yielding whole batches, with the batch
-fields the model family reads, and the start-up checks of the data against the run."""
+fields the model family reads, and the start-up checks of the data against the run.
+
+A family that reads ``demo_inputs`` is conditioned on demonstrations (ETRM): its training loader
+uses ``sampler`` or ``few_shot`` and its evaluation loader ``few_shot_eval`` (``dataset.few_shot``)
+with the run's ``max_demos``, ``max_train_groups``/``max_eval_groups`` and ``target_policy``, on
+ARC data whose evaluation tasks are unseen (``--split-policy strict``).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch.utils.data import DataLoader
 
 from dataset.common import DataError, PuzzleDatasetMetadata
+from dataset.few_shot import DemoSampler, FewShotSampler
 from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
+from dataset.reader import find_source, load_metadata
+from dataset.sampling import SAMPLERS
 from models.family import family_of
 from training.config import PretrainConfig
 from utils.distributed import DistInfo
+from utils.schema import ConfigError
+
+
+def reads_demos(config: PretrainConfig) -> bool:
+    """Whether the run's model family is conditioned on demonstrations."""
+    return "demo_inputs" in family_of(config.arch).batch_fields
+
+
+def _demo_sampling(config: PretrainConfig, test_set_mode: bool) -> tuple[str, dict[str, Any]]:
+    """The sampler and its options for a family that reads demonstrations."""
+    if test_set_mode:
+        return "few_shot_eval", {
+            "max_demos": config.max_demos,
+            "max_groups": config.max_eval_groups,
+        }
+    name = config.sampler or "few_shot"
+    if name not in SAMPLERS or not issubclass(SAMPLERS.get(name), DemoSampler):
+        raise ConfigError(
+            f"sampler={name} does not choose demonstrations, which arch {config.arch.name} reads; "
+            "use sampler=few_shot or leave sampler unset"
+        )
+    options = {"max_demos": config.max_demos, "max_groups": config.max_train_groups}
+    return name, {**options, "target_policy": config.target_policy}
+
+
+def check_demo_data(paths: list[str], split: str) -> None:
+    """Data built with ``--split-policy trm`` trains on the evaluation tasks' demos and has no
+    demos in its test split: refuse it for a model that reads demonstrations."""
+    for path in paths:
+        metadata = load_metadata(find_source(path, split))
+        if metadata.split_policy == "trm":
+            raise DataError(
+                f"{path}: built with --split-policy trm, which trains on the evaluation tasks' "
+                "demos and leaves none in its test split; a model conditioned on demonstrations "
+                "needs unseen evaluation tasks: rebuild it with --split-policy strict (python -m "
+                "dataset.build_arc_dataset_encoder)"
+            )
 
 
 def create_dataloader(
@@ -18,6 +66,10 @@ def create_dataloader(
     """Upstream's loader: ``PuzzleDataset`` yields whole batches (``batch_size=None``)."""
     use_test_paths = split == "test" and config.data_paths_test
     paths = config.data_paths_test if use_test_paths else config.data_paths
+    sampler, options = None if test_set_mode else config.sampler, {}
+    if reads_demos(config):
+        sampler, options = _demo_sampling(config, test_set_mode)
+        check_demo_data(paths, split)
     dataset = PuzzleDataset(
         PuzzleDatasetConfig(
             seed=config.seed,
@@ -28,7 +80,8 @@ def create_dataloader(
             rank=dist_info.rank,
             num_replicas=dist_info.world_size,
             fields=list(family_of(config.arch).batch_fields),
-            sampler=None if test_set_mode else config.sampler,
+            sampler=sampler,
+            sampler_options=options,
         ),
         split=split,
     )
@@ -53,6 +106,8 @@ def check_train_batches(config: PretrainConfig, data: PuzzleDataset) -> None:
         return
     meta = data.metadata
     per_epoch = meta.total_groups * meta.mean_puzzle_examples
+    if isinstance(data.sampler, FewShotSampler):
+        per_epoch = data.sampler.queries_per_epoch()
     epochs = config.epochs_per_iteration
     which = "eval_interval" if config.eval_interval else "epochs"
     raise DataError(

@@ -87,7 +87,8 @@ class ArchConfig(StrictModel):
 
 
 ARCH_CONFIGS: Registry[type[ArchConfig]] = Registry(
-    "architecture", modules=["models.recursive_reasoning.configs", "models.etrm.configs"]
+    "architecture",
+    modules=["models.recursive_reasoning.configs", "models.etrm.configs", "models.etrm.etrmtrm"],
 )
 
 

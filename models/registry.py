@@ -26,6 +26,7 @@ MODELS: Registry[type[ACTModel]] = Registry(
         "models.recursive_reasoning.hrm",
         "models.recursive_reasoning.transformers_baseline",
         "models.etrm.model",
+        "models.etrm.etrmtrm",
     ],
 )
 

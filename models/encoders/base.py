@@ -226,6 +226,8 @@ ENCODERS: Registry[type[DemoEncoder]] = Registry(
         "models.encoders.hybrid_standard",
         "models.encoders.hybrid_variational",
         "models.encoders.lpn",
+        "models.encoders.trm_style",
+        "models.encoders.recurrent_standard",
     ],
 )
 

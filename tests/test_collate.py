@@ -30,7 +30,8 @@ def dataset(path: Path, test: bool = False, **changes: object) -> PuzzleDataset:
 
 def test_default_fields_are_upstreams() -> None:
     assert DEFAULT_FIELDS == ("inputs", "labels", "puzzle_identifiers")
-    assert BATCH_FIELDS.names() == sorted(DEFAULT_FIELDS)
+    demo_fields = ["demo_inputs", "demo_labels", "demo_mask", "group_ids"]
+    assert BATCH_FIELDS.names() == sorted([*DEFAULT_FIELDS, *demo_fields])
 
 
 @pytest.mark.parametrize("test", [False, True])
@@ -53,10 +54,10 @@ def test_only_requested_fields_come_out(data: Path, test: bool, fields: list[str
 def test_unknown_or_repeated_field_is_refused_in_one_line(tmp_path: Path) -> None:
     # Refused before any file is read: the path does not exist.
     with pytest.raises(ValueError) as info:
-        dataset(tmp_path / "missing", fields=["inputs", "demo_inputs"])
+        dataset(tmp_path / "missing", fields=["inputs", "demo_outputs"])
     message = str(info.value)
     assert "\n" not in message
-    assert "unknown batch field 'demo_inputs'" in message
+    assert "unknown batch field 'demo_outputs'" in message
     assert "inputs, labels, puzzle_identifiers" in message
     with pytest.raises(ValueError, match="twice"):
         dataset(tmp_path / "missing", fields=["labels", "labels"])
@@ -81,7 +82,7 @@ def test_collator_pads_and_slices_for_its_rank(data: Path) -> None:
         assert all(t.dtype == torch.int32 for t in part.values())
 
 
-def build_demo_inputs(source: BatchSource) -> np.ndarray:
+def build_inputs_and_labels(source: BatchSource) -> np.ndarray:
     """int32 [local_batch_size, 2 * seq_len]: a row's inputs followed by its labels."""
     both = np.concatenate([source.gather("inputs"), source.gather("labels")], axis=1)
     return source.pad(both.astype(np.int32), source.metadata.pad_id)
@@ -89,10 +90,11 @@ def build_demo_inputs(source: BatchSource) -> np.ndarray:
 
 def test_a_registered_field_is_built_by_name(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(BATCH_FIELDS, "_entries", {**BATCH_FIELDS._entries})
-    BATCH_FIELDS.add("demo_inputs", build_demo_inputs)
+    BATCH_FIELDS.add("inputs_and_labels", build_inputs_and_labels)
+    fields = ["inputs_and_labels", "labels"]
     for (_, batch, _), (_, full, _) in zip(
-        dataset(data, True, fields=["demo_inputs", "labels"]), dataset(data, True), strict=True
+        dataset(data, True, fields=fields), dataset(data, True), strict=True
     ):
-        assert list(batch) == ["demo_inputs", "labels"]
-        assert batch["demo_inputs"].shape == (6, 2 * SEQ_LEN)
-        assert torch.equal(batch["demo_inputs"][:, :SEQ_LEN], full["inputs"])
+        assert list(batch) == ["inputs_and_labels", "labels"]
+        assert batch["inputs_and_labels"].shape == (6, 2 * SEQ_LEN)
+        assert torch.equal(batch["inputs_and_labels"][:, :SEQ_LEN], full["inputs"])

@@ -7,8 +7,9 @@ inverse transform (``dataset.common.inverse_aug``) and hashed (``grid_hash``). P
 hash) the distinct predicted grids are ranked by (votes, mean sigmoid(q_halt)) descending: majority
 vote, the model's mean halting confidence as tie-break. A pair is solved at pass@K when its label is
 among the top K; a task scores the fraction of its test pairs solved; ``ARC/pass@K`` averages the
-task scores. The submission lists, per task and test pair in source order, the top ``submission_K``
-distinct grids as ``{"attempt_1": grid, "attempt_2": grid}``, padded by repeating attempt 1.
+task scores over the tasks evaluated. The submission lists, per evaluated task and test pair in
+source order, the top ``submission_K`` distinct grids as ``{"attempt_1": grid, "attempt_2":
+grid}``, padded by repeating attempt 1.
 
 Deliberate differences from upstream (also in ``docs/DECISIONS.md``):
 
@@ -19,9 +20,13 @@ Deliberate differences from upstream (also in ``docs/DECISIONS.md``):
   (upstream skipped it, shifting every later pair of the task onto the wrong index).
 * ``ARC/pass@K`` averages over the tasks that received at least one prediction. When every task
   of ``test_puzzles.json`` did, this is upstream's number (its denominator is all tasks); when
-  only a subset was evaluated (a partial test split, a debugging run) upstream's number would
-  count the missing tasks as failed, so ours is the score on what was evaluated, and
-  ``ARC/tasks_evaluated`` / ``ARC/tasks_total`` say how much that was.
+  only a subset was evaluated (``max_eval_groups``, a partial test split, a debugging run)
+  upstream's number would count the missing tasks as failed, so ours is the score on what was
+  evaluated, and ``ARC/tasks_evaluated`` / ``ARC/tasks_total`` say how much that was. ETRM
+  divided by all 400 tasks while evaluating 32 (before its ``f08a4fa``), which deflated every
+  subset score by 32/400.
+* ``submission.json`` holds exactly the evaluated tasks (upstream listed every task, those
+  without predictions as empty lists), so a subset's submission is the subset's.
 * Exact ties in (votes, mean q) are ordered by grid hash, and the q values are summed with
   ``math.fsum``: the ranking no longer depends on how rows were spread over ranks (upstream
   kept arrival order, which changes with the world size).
@@ -287,9 +292,11 @@ class ARC:
     def result(self, save_path: str | None, *, group: Any = None) -> dict[str, float] | None:
         """Gather every rank's votes to rank 0 and score them. Collective.
 
-        Returns on rank 0 ``ARC/pass@K`` for each K, ``ARC/tasks_evaluated``,
-        ``ARC/tasks_total``, ``ARC/pairs_without_predictions`` and ``ARC/aggregated_evals``;
-        None on other ranks. With ``save_path``, rank 0 writes ``save_path/submission.json``.
+        Returns on rank 0 ``ARC/pass@K`` for each K (the mean task score over the tasks with
+        predictions), ``ARC/tasks_evaluated``, ``ARC/tasks_total``,
+        ``ARC/pairs_without_predictions`` (in every task, evaluated or not) and
+        ``ARC/aggregated_evals``; None on other ranks. With ``save_path``, rank 0 writes
+        ``save_path/submission.json`` for the evaluated tasks.
         """
         gathered = gather_objects((self._grids, self._votes), dst=0, group=group)
         if gathered is None:
@@ -322,8 +329,8 @@ class ARC:
                 solved += [label_hash in ranked[:k] for k in Ks]
                 top = ranked[:K_sub] + [ranked[0]] * (K_sub - len(ranked[:K_sub]))
                 attempts.append({f"attempt_{i + 1}": grids[h].tolist() for i, h in enumerate(top)})
-            submission[task] = attempts
             if task_votes:
+                submission[task] = attempts
                 tasks_evaluated += 1
                 scores += solved / len(pairs)
 

@@ -4,17 +4,28 @@
     python evaluate.py checkpoint=downloads/step_723914 arch=trm arch.L_cycles=4 \\
         data_paths="[data/arc2concept-aug-1000]" eval_save_outputs="[inputs,preds]"
 
-Prints the metrics (last line: one JSON object), writes ``submission.json`` for ARC and, with
-``eval_save_outputs``, ``eval_outputs.pt`` (the requested per-example tensors in test-split
-order) into ``output_dir``. Works as plain ``python`` or under ``torchrun``. Input problems end
-with one ``error:`` line and exit code 2 (configuration errors from rank 0 only); a collective
-that times out (another process stuck or gone) with one line and exit code 3.
+Prints the metrics (last line: one JSON object) and writes into ``output_dir``:
+``evaluation.json`` (the checkpoint, the data, the metrics and the provenance guard's finding),
+``submission.json`` for ARC (the tasks evaluated only) and, with ``eval_save_outputs``,
+``eval_outputs.pt`` (the requested per-example tensors in test-split order). The loader is the
+training run's (``training.data.create_dataloader``), so a model conditioned on demonstrations
+gets its few-shot batches; ``max_eval_groups=N`` evaluates the first N task groups.
+
+On a strict-split evaluation set, weights trained on the demonstrations of its tasks (a
+TRM-split decoder, an upstream file without provenance) are refused unless
+``allow_contaminated_decoder=True``, which then flags the metrics and ``evaluation.json``
+(``training.pretrained_decoder.check_contamination``).
+
+Works as plain ``python`` or under ``torchrun``. Input problems end with one ``error:`` line
+and exit code 2 (configuration errors from rank 0 only); a collective that times out (another
+process stuck or gone) with one line and exit code 3.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +44,15 @@ from training.config import (
 )
 from training.data import create_dataloader
 from training.evaluation import evaluate
+from training.pretrained_decoder import Contamination, check_contamination
 from training.state import TrainState, build_model
-from utils.checkpoint import load_checkpoint_files, load_model_weights, read_state_dict
+from utils.atomic import write_text_atomically
+from utils.checkpoint import (
+    PUZZLE_EMB_KEY,
+    load_checkpoint_files,
+    load_model_weights,
+    read_state_dict,
+)
 from utils.config import ConfigError, compose, lenient_overrides, validate_model
 from utils.distributed import (
     CollectiveError,
@@ -48,10 +66,20 @@ from utils.distributed import (
 )
 from utils.schema import UserError
 
+SUMMARY_FILE = "evaluation.json"
 
-def resolve(
-    ecfg: EvaluateConfig, is_main: bool = True
-) -> tuple[PretrainConfig, dict[str, torch.Tensor]]:
+
+@dataclass
+class Resolved:
+    """What an evaluation runs on: the run config, the weights and their provenance record
+    (None: an upstream file, or a folder written before checkpoints recorded one)."""
+
+    config: PretrainConfig
+    weights: dict[str, torch.Tensor]
+    provenance: dict[str, Any] | None
+
+
+def resolve(ecfg: EvaluateConfig, is_main: bool = True) -> Resolved:
     """The run config to evaluate with and the weights, from the checkpoint and overrides.
 
     Our folder is verified file by file and its data fingerprint checked against the data
@@ -59,11 +87,14 @@ def resolve(
     """
     path = Path(ecfg.checkpoint)
     meta: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None
     if path.is_dir():
         shared, _ = load_checkpoint_files(path, rank=0)
         meta = shared["meta"]
         base: dict[str, Any] = dict(meta["config"])
         weights = evaluation_weights(shared, use_ema=ecfg.use_ema)
+        record = meta.get("provenance")
+        provenance = dict(record) if isinstance(record, dict) else None
     elif path.is_file():
         weights = read_state_dict(path)
         saved = path.parent / "all_config.yaml"  # written beside the original checkpoints
@@ -89,17 +120,39 @@ def resolve(
         base["global_batch_size"] = ecfg.global_batch_size
     if ecfg.evaluators is not None:
         base["evaluators"] = ecfg.evaluators
+    if ecfg.max_eval_groups is not None:
+        base["max_eval_groups"] = ecfg.max_eval_groups
     base.update(
         eval_save_outputs=ecfg.eval_save_outputs,
         device=ecfg.device,
         resume=None,
         load_checkpoint=None,
+        load_pretrained_decoder=None,  # the checkpoint's weights replace it; its record stays
+        allow_contaminated_decoder=ecfg.allow_contaminated_decoder,
     )
     config = validate_pretrain_config(base)
     if meta is not None:
         paths = config.data_paths_test or config.data_paths
-        check_evaluation_data(meta, paths, path, ecfg.allow_data_mismatch, is_main)
-    return config, weights
+        check_evaluation_data(
+            meta, paths, path, ecfg.allow_data_mismatch, is_main, PUZZLE_EMB_KEY in weights
+        )
+    return Resolved(config, weights, provenance)
+
+
+def guard(ecfg: EvaluateConfig, resolved: Resolved, is_main: bool) -> Contamination | None:
+    """The provenance guard on the data evaluated (``check_contamination``); every rank
+    decides the same, rank 0 logs."""
+    config = resolved.config
+    subject = f"checkpoint {ecfg.checkpoint}"
+    if resolved.provenance is None and Path(ecfg.checkpoint).is_dir():
+        subject += " (written before checkpoints recorded provenance)"
+    return check_contamination(
+        resolved.provenance,
+        config.data_paths_test or config.data_paths,
+        allow=ecfg.allow_contaminated_decoder,
+        subject=subject,
+        log=print if is_main else None,
+    )
 
 
 def load_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
@@ -120,20 +173,34 @@ def load_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
 
 
 def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
-    config, weights = resolve(ecfg, dist_info.is_main)
+    resolved = resolve(ecfg, dist_info.is_main)
+    config = resolved.config
     check_world_size(config, dist_info.world_size)
+    contamination = guard(ecfg, resolved, dist_info.is_main)
     loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True)
     head, family = build_model(config, data, dist_info)
-    load_model_weights(head, weights, resize_puzzle_emb=False, source=ecfg.checkpoint)
-    state = TrainState(head, family, family.capabilities(config.arch, head))
+    load_model_weights(head, resolved.weights, resize_puzzle_emb=False, source=ecfg.checkpoint)
+    state = TrainState(
+        head, family, family.capabilities(config.arch, head), contamination=contamination
+    )
     evaluators = build_evaluators(
         config.evaluators, data.config.dataset_paths, data.identifier_offsets
     )
     out_dir = Path(ecfg.output_dir or f"{ecfg.checkpoint.rstrip('/')}_eval")
     result = evaluate(config, state, loader, evaluators, dist_info, out_dir)
-    if dist_info.is_main and result.outputs is not None:
+    if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(result.outputs, out_dir / "eval_outputs.pt")
+        if result.outputs is not None:
+            torch.save(result.outputs, out_dir / "eval_outputs.pt")
+        summary = {
+            "checkpoint": ecfg.checkpoint,
+            "data_paths": config.data_paths_test or config.data_paths,
+            "max_eval_groups": config.max_eval_groups,
+            "use_ema": ecfg.use_ema,
+            "metrics": result.metrics,
+            "provenance": contamination.summary() if contamination is not None else None,
+        }
+        write_text_atomically(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     return result.metrics
 
 

@@ -11,6 +11,14 @@ A fingerprint is small, JSON-serialisable and cheap (no pass over the token arra
   apart where the identifiers cannot: Sudoku and Maze builds have only ``<blank>``.
 
 ``differences`` compares two fingerprints of one dataset path and says what differs.
+
+``data_provenance`` is what a checkpoint records of where its weights' tasks came from, beside
+the fingerprint: the build's split policy and the base names of the tasks with examples in a
+split (``split_tasks``; ``identifiers.json`` names without the ``|||...`` augmentation suffix).
+The policy is ``dataset.json``'s ``split_policy`` when it has one; a build without it is
+``strict`` when its test split stores demonstrations (``num_demos`` > 0, as ETRM's builder
+writes), otherwise ``trm``, the split of upstream's builder, which puts every evaluation
+task's demonstration pairs in the train split.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dataset.common import FIELDS
+import numpy as np
+
+from dataset.common import BLANK_IDENTIFIER, FIELDS, PUZZLE_ID_SEPARATOR
 from dataset.reader import SplitSource, find_source
 
 IDENTIFIERS_FILE = "identifiers.json"
@@ -32,6 +42,9 @@ _SAMPLE_BYTES = 64 << 10
 # Fingerprints by path, valid while the stat signature of the files they read is unchanged (a
 # run saves many checkpoints; a test session rebuilds data under the same path).
 _CACHE: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+_TASKS_CACHE: dict[tuple[str, str], tuple[tuple[Any, ...], list[str] | None]] = {}
+SPLIT_POLICIES = ("trm", "strict")
+NUM_DEMOS_FIELD = "num_demos"  # beside FIELDS in builds that tell demos from queries
 
 
 def _sha256_file(path: Path) -> str:
@@ -167,3 +180,106 @@ def differences(
         elif before.get("content") != after.get("content"):
             found.append((f"{split} examples", f"sampled bytes of the {split} arrays"))
     return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Provenance: the split policy and the tasks of a build
+# ----------------------------------------------------------------------------------------------
+def _has_array(source: SplitSource, set_name: str, field: str) -> bool:
+    member = f"{set_name}__{field}.npy"
+    if source.kind == "npy":
+        return (source.location / member).is_file()
+    try:
+        with zipfile.ZipFile(source.location) as zf:
+            return member in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _stat(files: Sequence[Path]) -> tuple[Any, ...]:
+    stats = []
+    for f in files:
+        try:
+            st = f.stat()
+            stats.append((str(f), st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            stats.append((str(f), None))
+    return tuple(stats)
+
+
+def _metadata(source: SplitSource) -> dict[str, Any]:
+    try:
+        raw = json.loads(source.metadata_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def split_policy(dataset_path: str) -> tuple[str, str]:
+    """(policy, how it was found) of a built dataset: ``trm`` or ``strict`` (see the module
+    docstring); the second item names the evidence, for messages and the record."""
+    sources = _sources(dataset_path)
+    for split in ("test", "train"):
+        if split in sources:
+            recorded = _metadata(sources[split]).get("split_policy")
+            if isinstance(recorded, str) and recorded:
+                return recorded, f"{split}/dataset.json"
+    test = sources.get("test")
+    if test is not None:
+        for set_name in _sets(test):
+            if _has_array(test, set_name, NUM_DEMOS_FIELD):
+                demos = test.load(set_name, NUM_DEMOS_FIELD, mmap=True)
+                if demos.size and int(np.max(demos)) > 0:
+                    return "strict", "its test split stores demonstrations (num_demos > 0)"
+    return "trm", "no split_policy recorded and no demonstrations in its test split"
+
+
+def split_tasks(dataset_path: str, split: str) -> list[str] | None:
+    """Sorted base task names of the puzzles with at least one example in ``split``; [] when
+    the split does not exist, None when the build has no ``identifiers.json`` to name them."""
+    try:
+        source = find_source(dataset_path, split)
+    except FileNotFoundError:
+        return []
+    identifiers_file = Path(dataset_path) / IDENTIFIERS_FILE
+    sets = _sets(source)
+    arrays = [
+        source.location / f"{s}__{f}.npy" if source.kind == "npy" else source.location
+        for s in sets
+        for f in ("puzzle_identifiers", "puzzle_indices")
+    ]
+    signature = _stat([identifiers_file, source.metadata_file, *arrays])
+    key = (dataset_path, split)
+    cached = _TASKS_CACHE.get(key)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    tasks: list[str] | None = None
+    if identifiers_file.is_file():
+        try:
+            names = json.loads(identifiers_file.read_text())
+        except (OSError, ValueError):
+            names = None
+        if isinstance(names, list):
+            seen: set[str] = set()
+            for set_name in sets:
+                ids = np.asarray(source.load(set_name, "puzzle_identifiers", mmap=True))
+                bounds = np.asarray(source.load(set_name, "puzzle_indices", mmap=True))
+                with_examples = ids[np.diff(bounds)[: len(ids)] > 0]
+                for i in np.unique(with_examples).tolist():
+                    name = names[i] if 0 <= i < len(names) else None
+                    if isinstance(name, str) and name != BLANK_IDENTIFIER:
+                        seen.add(name.split(PUZZLE_ID_SEPARATOR, 1)[0])
+            tasks = sorted(seen)
+    _TASKS_CACHE[key] = (signature, tasks)
+    return tasks
+
+
+def data_provenance(dataset_path: str, split: str = "train") -> dict[str, Any]:
+    """What a checkpoint records of one training dataset: ``{"split_policy": str,
+    "split_policy_from": str, "tasks": list[str] | None}`` (``tasks``: ``split_tasks``)."""
+    policy, found = split_policy(dataset_path)
+    return {
+        "split_policy": policy,
+        "split_policy_from": found,
+        "tasks": split_tasks(dataset_path, split),
+    }

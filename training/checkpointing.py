@@ -8,12 +8,19 @@ goes in them and what must agree before one is used:
 * ``meta.json`` records the run's config and a fingerprint of every dataset path
   (``dataset.fingerprint``), so resuming, fine-tuning or evaluating on another build of the
   data is refused with one line (``DataMismatchError``) unless ``allow_data_mismatch=True``;
+* beside the fingerprints, ``meta.json`` records the weights' provenance (the split policy and
+  tasks of the training data, a pretrained decoder's and the initial weights' own records:
+  ``training.pretrained_decoder``), which a resumed run takes over and checks against its
+  evaluation data;
 * resuming with changed settings that alter the model, its optimizers, the objective or the
   data order is refused (``ChangedSettingsError``); the keys in ``RESUME_SAFE_KEYS`` may change
   and are logged when they do.
 
 Format 2 keys the optimizers by group name; format-1 checkpoints (optimizers as a list in build
 order, counters at the top of ``train_state.pt``) are migrated when read.
+
+One module past 400 lines on purpose: writing ``meta.json``, the checks of what it records and
+the resume that reads it back belong together.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import torch
 from dataset.fingerprint import dataset_fingerprint, differences
 from dataset.puzzle_dataset import PuzzleDataset
 from training.config import PretrainConfig
+from training.pretrained_decoder import check_contamination, evaluation_paths
 from training.state import TrainState
 from utils import checkpoint as ckpt
 from utils.distributed import DistInfo, broadcast_object, gather_objects, is_distributed
@@ -55,6 +63,8 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     # where and how it runs
     "device", "compile", "deterministic", "detect_anomaly", "data_workers", "nonfinite",
     "nonfinite_max_skips", "dist_timeout_s", "dist_timeout_slow_s", "allow_data_mismatch",
+    # what is evaluated and whether a contaminated decoder may be
+    "max_eval_groups", "allow_contaminated_decoder",
 )  # fmt: skip
 _NOT_LOGGED = ("resume",)  # differs on every resume by design
 
@@ -147,6 +157,8 @@ def save_train_state(
         if "ema" in components:
             shared[ckpt.EMA_FILE] = components["ema"]
         meta["data"] = data_fingerprints(config)
+        if state.provenance:
+            meta["provenance"] = state.provenance
     ckpt.save_checkpoint(
         folder,
         rank=dist_info.rank,
@@ -275,17 +287,23 @@ def check_training_data(
 
 
 def check_evaluation_data(
-    meta: Mapping[str, Any], paths: list[str], folder: Path, allow: bool, is_main: bool
+    meta: Mapping[str, Any],
+    paths: list[str],
+    folder: Path,
+    allow: bool,
+    is_main: bool,
+    puzzle_table: bool = True,
 ) -> None:
     """Evaluating: the data's puzzle identifiers must be those of the build the checkpoint
     was trained (or evaluated) on, since they index its puzzle-embedding table.
 
     Only the identifiers are compared: another test split (other puzzles, another size) under
     the same identifier mapping is a legitimate evaluation, and the vocabulary and sequence
-    length are checked by the weights' shapes.
+    length are checked by the weights' shapes. Without a ``puzzle_table`` (a model conditioned
+    on demonstrations) the identifiers index nothing and any build may be evaluated.
     """
     saved = meta.get("data")
-    if not isinstance(saved, Mapping):
+    if not isinstance(saved, Mapping) or not puzzle_table:
         return
     train_paths = _saved_paths(meta, "data_paths")
     candidates = [_saved_paths(meta, "data_paths_test") or train_paths, train_paths]
@@ -423,6 +441,16 @@ def resume_train_state(
         raise ckpt.CheckpointMismatchError(f"{folder}: {e}") from None
     check_resume_settings(meta, config, folder, dist_info)
     check_training_data(meta, config, folder, dist_info.is_main)
+    record = meta.get("provenance")
+    if isinstance(record, Mapping):
+        state.provenance = dict(record)
+    state.contamination = check_contamination(
+        state.provenance,
+        evaluation_paths(config),
+        allow=config.allow_contaminated_decoder,
+        subject="this run",
+        log=print if dist_info.is_main else None,
+    )
     components = {
         "model": shared[ckpt.MODEL_FILE],
         "optimizers": train["optimizers"],
@@ -465,7 +493,4 @@ def weights_for_loading(
 def evaluation_weights(shared: dict[str, Any], use_ema: bool) -> dict[str, torch.Tensor]:
     """The model state of a checkpoint, with the EMA shadow (``ema.pt``: parameter name →
     tensor) substituted when asked and present."""
-    state = dict(shared[ckpt.MODEL_FILE])
-    if use_ema and ckpt.EMA_FILE in shared:
-        state.update(ckpt.strip_prefixes(shared[ckpt.EMA_FILE]))
-    return state
+    return ckpt.weights_with_ema(shared, use_ema)[0]

@@ -176,6 +176,14 @@ class EvaluateConfig(StrictModel):
     allow_data_mismatch: bool = Field(
         False, description="evaluate on another build of the data than the run trained on"
     )
+    max_eval_groups: int | None = Field(
+        None, ge=1, description="evaluate the first N task groups only (default: the run's)"
+    )
+    allow_contaminated_decoder: bool = Field(
+        False,
+        description="evaluate on strict-split tasks whose demos the weights were trained on "
+        "(flagged in every result)",
+    )
     device: str = Field("auto", description="auto (cuda → mps → cpu), cpu, cuda, cuda:N, mps")
 
 

@@ -5,6 +5,10 @@ divided by the count of labelled examples, every evaluator fed each batch's pred
 slot is scored at the step where it first halts: with the default (no halting at evaluation)
 that is ``halt_max_steps`` for every slot, exactly upstream's final-step metrics; with
 ``halt_at_eval`` it is the slot's own halting step.
+
+On a strict-split evaluation set the result also carries the provenance guard's flag
+(``training.pretrained_decoder.Contamination.metrics``: ``provenance/contaminated_decoder`` 1
+when the weights were trained on demonstrations of its tasks and were evaluated anyway).
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def evaluate(
     dist_info: DistInfo,
     save_path: Path | None,
 ) -> EvalResult:
-    """Roll out every test batch and score it; the evaluators' metrics are added (rank 0)."""
+    """Roll out every test batch and score it; the evaluators' metrics are added (rank 0), and
+    the provenance flag of ``state.contamination`` when the guard applied."""
     model = state.model
     model.eval()
     save_keys = list(config.eval_save_outputs)
@@ -112,6 +117,8 @@ def evaluate(
         )
         if ev_metrics:
             result.update(ev_metrics)
+    if state.contamination is not None:
+        result.update(state.contamination.metrics())
     return EvalResult(result, _collect_outputs(saved, dist_info) if save_keys else None)
 
 

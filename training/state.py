@@ -6,7 +6,14 @@ Components and where they are saved (``utils.checkpoint`` writes the files):
 * ``ema.pt``: the EMA shadow (``ema=True``);
 * ``train_state.pt``: the optimizers keyed by group name, the progress counters, the step
   strategy's state and the data position (the loader's, added by ``training.checkpointing``);
-* ``rank_N.pt``: each process's ACT carry and RNG states.
+* ``rank_N.pt``: each process's ACT carry and RNG states;
+* ``meta.json`` (``training.checkpointing``) also records the provenance of the weights
+  (``training.pretrained_decoder``): the tasks of the training data, the decoder's and the
+  initial weights' own records.
+
+A new state starts from a pretrained decoder (``load_pretrained_decoder``) and then from
+``load_checkpoint`` when the config names them, as ETRM orders them; a run about to resume
+skips both, since the checkpoint's weights and record replace them.
 """
 
 from __future__ import annotations
@@ -27,6 +34,14 @@ from models.recursive_reasoning.act import ACTCarry
 from models.recursive_reasoning.common import ModelDims
 from training.config import PretrainConfig, check_world_size
 from training.optimizers import NamedOptimizer, apply_run_hyperparameters, build_optimizers
+from training.pretrained_decoder import (
+    Contamination,
+    check_contamination,
+    checkpoint_provenance,
+    evaluation_paths,
+    load_pretrained_decoder,
+    run_provenance,
+)
 from utils import checkpoint as ckpt
 from utils.distributed import DistInfo, broadcast_tensors_, decide_on_main
 
@@ -65,6 +80,10 @@ class TrainState:
     carry: ACTCarry | None = None
     ema: EMAHelper | None = None
     nonfinite_streak: int = 0  # nonfinite=skip: skipped steps in a row (restarts on resume)
+    # Where the weights' tasks came from (saved in meta.json) and, for a strict-split
+    # evaluation set, what it shares with them (its metrics join every evaluation result).
+    provenance: dict[str, Any] = field(default_factory=dict)
+    contamination: Contamination | None = None
 
     @property
     def raw_model(self) -> nn.Module:
@@ -198,25 +217,67 @@ def build_model(
     return head, family
 
 
+def will_resume(config: PretrainConfig) -> bool:
+    """Whether ``resume`` will find a checkpoint (``resume=auto`` in an empty run folder
+    starts afresh); a corrupt one is reported by ``training.checkpointing.resolve_resume``."""
+    if config.resume is None:
+        return False
+    if config.resume != "auto":
+        return True
+    folder = config.checkpoint_path
+    return folder is not None and ckpt.latest_checkpoint(folder) is not None
+
+
+def initial_weights(
+    config: PretrainConfig, head: nn.Module
+) -> tuple[dict[str, Any], Contamination | None]:
+    """Load the pretrained decoder, then ``load_checkpoint``, into ``head`` unless the run
+    resumes; (the run's provenance record, the guard's finding on its evaluation data, None
+    when resuming: ``resume_train_state`` checks the checkpoint's record instead)."""
+    from training.checkpointing import weights_for_loading
+
+    resuming = will_resume(config)
+    decoder = initial = None
+    if config.load_pretrained_decoder:
+        path = config.load_pretrained_decoder
+        if resuming:
+            decoder = {"path": path, "provenance": None}
+        else:
+            decoder = load_pretrained_decoder(head, path, config.arch)
+    if config.load_checkpoint:
+        source = config.load_checkpoint
+        ckpt.load_model_weights(head, weights_for_loading(Path(source), config), source=source)
+        initial = {"path": source, "provenance": checkpoint_provenance(source)}
+    record = run_provenance(config, decoder, initial)
+    if resuming:
+        return record, None
+    found = check_contamination(
+        record,
+        evaluation_paths(config),
+        allow=config.allow_contaminated_decoder,
+        subject="this run",
+    )
+    return record, found
+
+
 def create_train_state(
     config: PretrainConfig, data: PuzzleDataset, dist_info: DistInfo
 ) -> TrainState:
-    """Model (+ initial weights if ``load_checkpoint``), optimizers, EMA and step strategy;
+    """Model (+ initial weights: ``initial_weights``), optimizers, EMA and step strategy;
     every rank starts from rank 0's parameters."""
-    from training.checkpointing import weights_for_loading
     from training.strategies import build_strategy
 
     head, family = build_model(config, data, dist_info)
-    if config.load_checkpoint:
-        source = config.load_checkpoint
-
-        def load() -> None:
-            ckpt.load_model_weights(head, weights_for_loading(Path(source), config), source=source)
-
-        decide_on_main(load, dist_info.is_main)  # rank 0 reads; a bad file stops every rank
+    # Rank 0 reads the files and checks the evaluation data; a bad file or a refused decoder
+    # stops every rank with its line.
+    provenance, contamination = decide_on_main(
+        lambda: initial_weights(config, head), dist_info.is_main
+    )
     # Every rank starts from rank 0's parameters and buffers (puzzle table, init states).
     broadcast_tensors_([*head.parameters(), *head.buffers()])
-    groups = family.optimizer_groups(head, config.freeze_weights)
+    # Only a family with a demonstration encoder takes the encoder's learning-rate scale.
+    scale = {"encoder_lr_scale": config.encoder_lr_scale} if config.encoder_lr_scale > 0 else {}
+    groups = family.optimizer_groups(head, config.freeze_weights, **scale)
     optimizers = build_optimizers(groups, config, dist_info.world_size)
     ema = None
     if config.ema:
@@ -235,4 +296,6 @@ def create_train_state(
         strategy=strategy,
         total_steps=data.total_steps(config.epochs),
         ema=ema,
+        provenance=provenance,
+        contamination=contamination,
     )

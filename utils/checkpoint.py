@@ -168,10 +168,11 @@ def load_model_weights(
 # Complete, atomic, verified training checkpoints
 # ----------------------------------------------------------------------------------------------
 # 2: optimizers keyed by group name and progress counters under "progress" in TRAIN_FILE.
-#    meta.json also lists "files" (size and sha256 of every other file) and "data" (the dataset
-#    fingerprints of ``training.checkpointing``); readers of format 2 that predate them ignore
-#    them, so they need no new version. Format-2 folders without "files" (written before) get
-#    a structural check only: every .pt file must be a complete zip archive.
+#    meta.json also lists "files" (size and sha256 of every other file), "data" (the dataset
+#    fingerprints of ``training.checkpointing``) and "provenance" (the record of
+#    ``training.pretrained_decoder``); readers of format 2 that predate them ignore them, so
+#    they need no new version. Format-2 folders without "files" (written before) get a
+#    structural check only: every .pt file must be a complete zip archive.
 # 1: optimizers as a list in build order; readable, migrated by ``training.checkpointing``.
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)
@@ -467,6 +468,16 @@ def save_checkpoint(
             f"checkpoint {folder} not written ({problem}); {kept_text}; free disk space or fix "
             f"the permissions of {folder.parent}, then resume=auto"
         )
+
+
+def weights_with_ema(shared: Mapping[str, Any], use_ema: bool) -> tuple[dict[str, Any], bool]:
+    """(the model state of a checkpoint's ``shared`` files, whether the EMA shadow was used):
+    ``ema.pt`` (parameter name → tensor) substituted when asked and present."""
+    state = dict(shared[MODEL_FILE])
+    if use_ema and EMA_FILE in shared:
+        state.update(strip_prefixes(shared[EMA_FILE]))
+        return state, True
+    return state, False
 
 
 def load_checkpoint_files(folder: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -7,6 +7,9 @@ A strict-split build of 10 hand-made evaluation tasks (2 demonstration and 2 tes
 split are fed to the evaluator: their query rows with hand-chosen predictions, encoded in each
 variant's frame by code in this file, plus their demonstration rows with confident garbage
 (which must not count) and a blank padding row. Scores are worked out by hand below.
+
+``evaluate.py max_eval_groups=2`` on a tiny ETRM checkpoint then goes through the few-shot
+evaluation loader: 2 tasks evaluated of 3, and the submission holds those 2.
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ import pytest
 import torch
 
 from dataset import build_arc_dataset
+from evaluate import EvaluateConfig
+from evaluate import run as run_evaluate
 from evaluators.arc import ARC, ARCEvaluatorConfig
 from tests.conftest import EXPLICIT
+from tests.test_pretrained_decoder import ETRM, build_arc
+from tests.test_training import make_config, train
+from utils.distributed import DistInfo
 
 NUM_TASKS, SUBSET = 10, 4
 # Roles of the first four groups, per test pair: (answer, q_halt logit) of variant 0 and 1.
@@ -179,3 +187,38 @@ def test_subset_pass_at_k_and_submission(strict_build: Path, tmp_path: Path) -> 
             shift = {"label": 0, "W1": 1, "W2": 2}
             expected = [((label + shift[a]) % 10).tolist() for a in picks]
             assert [entry["attempt_1"], entry["attempt_2"]] == expected, (task, pair)
+
+
+def test_evaluate_py_on_an_etrm_checkpoint_with_max_eval_groups(tmp_path: Path) -> None:
+    data = build_arc(tmp_path, "strict")
+    run_dir = tmp_path / "run"
+    outcome = train(make_config(data, run_dir, *ETRM, "evaluators=[{name: arc}]", "max_steps=2"))
+    assert outcome.eval_metrics["ARC/tasks_evaluated"] == 3  # the run's: every group
+    assert outcome.last_checkpoint is not None
+
+    out = tmp_path / "eval"
+    ecfg = EvaluateConfig(
+        checkpoint=str(outcome.last_checkpoint), max_eval_groups=2, output_dir=str(out)
+    )
+    metrics = run_evaluate(ecfg, DistInfo())
+    assert metrics["ARC/tasks_evaluated"] == 2 and metrics["ARC/tasks_total"] == 3
+    assert 0 <= metrics["ARC/pass@1"] <= metrics["ARC/pass@2"] <= 1
+    assert metrics["provenance/contaminated_decoder"] == 0.0  # trained on strict data only
+
+    names = json.loads((data / "identifiers.json").read_text())
+    split = _test_split(data)
+    groups = split["group_indices"]
+    first = {
+        names[int(split["puzzle_identifiers"][p])].split("|||")[0]
+        for g in range(2)
+        for p in range(groups[g], groups[g + 1])
+    }
+    submission = json.loads((out / "submission.json").read_text())
+    solutions = json.loads((data / "test_puzzles.json").read_text())
+    assert set(submission) == first
+    for task, entries in submission.items():
+        assert len(entries) == len(solutions[task]["test"])
+        assert all(set(e) == {"attempt_1", "attempt_2"} for e in entries)
+    summary = json.loads((out / "evaluation.json").read_text())
+    assert summary["max_eval_groups"] == 2
+    assert summary["provenance"]["contaminated_decoder"] is False

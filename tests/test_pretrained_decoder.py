@@ -2,9 +2,10 @@
 conditioned otherwise, the puzzle embedding dropped, every mismatch refused with one line.
 
 The decoder is trained here by ``pretrain.py``'s loop (arch=trm, tiny, two steps, EMA) on a
-TRM-split ARC build in a temporary folder. The model it is loaded into is TRM without a puzzle
-embedding plus an ``encoder`` module beside ``model.inner``: the state-dict layout of ETRM
-(``model.encoder.*``, ``model.inner.*`` named as TRM's, no ``puzzle_emb``).
+TRM-split ARC build in a temporary folder. The unit tests load it into TRM without a puzzle
+embedding plus an ``encoder`` module beside ``model.inner``, ETRM's state-dict layout
+(``model.encoder.*``, ``model.inner.*`` named as TRM's, no ``puzzle_emb``); the last one into a
+tiny ``arch=etrm`` through the train state.
 """
 
 from __future__ import annotations
@@ -274,3 +275,40 @@ def test_train_state_starts_from_the_decoder_and_resume_skips_it(
     assert train(resumed).steps == 2
     second = json.loads((run_dir / "step_2" / "meta.json").read_text())["provenance"]
     assert second == first
+
+
+# ----------------------------------------------------------------------------------------------
+# Into ETRM
+# ----------------------------------------------------------------------------------------------
+ETRM = ["arch=etrm", "arch.encoder_num_layers=1", "max_demos=4", "target_policy=leave_one_out",
+        "ema=True", "evaluators=[]"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def strict_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_arc(tmp_path_factory.mktemp("strict"), "strict")
+
+
+def test_a_tiny_etrm_starts_from_the_decoders_ema_weights(
+    decoder: Path, strict_data: Path, tmp_path: Path
+) -> None:
+    fresh_config = make_config(strict_data, tmp_path / "fresh", *ETRM)
+    config = make_config(strict_data, tmp_path / "run", *ETRM, f"load_pretrained_decoder={decoder}",
+                         "allow_contaminated_decoder=True")  # fmt: skip
+    _, data = create_dataloader(config, "train", DistInfo(), test_set_mode=False)
+    torch.manual_seed(0)
+    fresh = create_train_state(fresh_config, data, DistInfo()).raw_model.state_dict()
+    torch.manual_seed(0)
+    state = create_train_state(config, data, DistInfo())
+    weights = state.raw_model.state_dict()
+    model, ema, _ = saved(decoder)
+
+    inner = {k for k in weights if k.startswith("model.inner.")}
+    assert inner == {k for k in model if k.startswith("model.inner.") and "puzzle_emb" not in k}
+    for key in inner:
+        assert torch.equal(weights[key], (ema[key] if key in ema else model[key])), key
+    encoder = [k for k in weights if k.startswith("model.encoder.")]
+    assert encoder and all(torch.equal(weights[k], fresh[k]) for k in encoder)
+    assert not all(torch.equal(weights[k], fresh[k]) for k in inner)
+    # A TRM-split decoder on strict-split evaluation data: allowed here, and flagged.
+    assert state.contamination is not None and state.contamination.contaminated

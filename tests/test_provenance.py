@@ -20,7 +20,7 @@ from dataset.fingerprint import data_provenance, split_policy, split_tasks
 from evaluate import EvaluateConfig
 from evaluate import run as run_evaluate
 from tests.test_pretrained_decoder import (
-    NO_TABLE,
+    ETRM,
     build_arc,
     one_line,
     train_decoder,
@@ -176,12 +176,13 @@ def test_weights_without_a_record_count_as_trm_split(builds: dict[str, Path]) ->
 # ----------------------------------------------------------------------------------------------
 # End to end: training start-up and evaluate.py
 # ----------------------------------------------------------------------------------------------
-def test_contaminated_decoder_from_start_up_to_evaluate(
+def test_a_contaminated_etrm_from_start_up_to_evaluate(
     builds: dict[str, Path], decoder: Path, tmp_path: Path
 ) -> None:
     strict = builds["strict"]
     evaluation = sorted(eval_names(strict))
-    overrides = [NO_TABLE, "max_steps=2", f"load_pretrained_decoder={decoder}"]
+    overrides = [*ETRM, "evaluators=[{name: arc}]", "max_steps=2",
+                 f"load_pretrained_decoder={decoder}"]  # fmt: skip
 
     refused = tmp_path / "refused"
     with pytest.raises(ContaminatedDecoderError) as error:
@@ -201,6 +202,7 @@ def test_contaminated_decoder_from_start_up_to_evaluate(
     assert record["decoder"]["path"] == str(decoder)
     assert record["decoder"]["provenance"]["data"][str(builds["trm"])]["split_policy"] == "trm"
     assert record["data"][str(strict)]["split_policy"] == "strict"
+    assert record["decoder"]["weights"] == "ema"
 
     # evaluate.py on the same strict data: refused, then flagged when allowed.
     ecfg = dict(checkpoint=str(checkpoint), data_paths=[str(strict)], device="cpu")

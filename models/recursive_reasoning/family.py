@@ -28,7 +28,14 @@ class RecursiveFamily(ModelFamily):
     def build(self, arch: ArchConfig, dims: ModelDims) -> nn.Module:
         return build_loss_head(arch, dims)
 
-    def optimizer_groups(self, head: nn.Module, freeze_weights: bool) -> dict[str, OptimizerGroup]:
+    def optimizer_groups(
+        self, head: nn.Module, freeze_weights: bool, encoder_lr_scale: float = 0.0
+    ) -> dict[str, OptimizerGroup]:
+        if encoder_lr_scale > 0:
+            raise ConfigError(
+                "encoder_lr_scale applies to models with a demonstration encoder (arch=etrm, "
+                "etrm_fct, etrmtrm); this model has none: leave encoder_lr_scale at 0"
+            )
         groups: dict[str, OptimizerGroup] = {}
         table = self.puzzle_embedding(head)
         if table is not None:

@@ -233,6 +233,25 @@ def test_key_and_shape_mismatches_name_the_key(
         assert expected[case] in one_line(error), case
 
 
+def test_weights_the_model_declares_outside_the_decoder_keep_their_values(
+    decoder: Path, trm_data: Path, tmp_path: Path
+) -> None:
+    config = make_config(trm_data, tmp_path / "run", NO_TABLE)
+    head = encoder_model(config, trm_data)
+    inner = head.model.inner
+    inner.context_gain = nn.Parameter(torch.tensor(3.0))
+    with pytest.raises(ckpt.CheckpointMismatchError) as error:
+        load_pretrained_decoder(head, str(decoder), config.arch, log=lambda _: None)
+    assert "the model's model.inner.context_gain is not in the checkpoint" in one_line(error)
+
+    inner.keys_outside_decoder = ("context_gain",)
+    load_pretrained_decoder(head, str(decoder), config.arch, log=lambda _: None)
+    assert inner.context_gain.item() == 3.0
+    _, ema, _ = saved(decoder)
+    key = "model.inner.lm_head.weight"
+    assert torch.equal(head.state_dict()[key], ema[key])
+
+
 def test_missing_decoder_is_one_line(trm_data: Path, tmp_path: Path) -> None:
     config = make_config(trm_data, tmp_path / "run", NO_TABLE)
     with pytest.raises(FileNotFoundError) as error:

@@ -11,6 +11,7 @@ tiny ``arch=etrm`` through the train state.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -331,3 +332,16 @@ def test_a_tiny_etrm_starts_from_the_decoders_ema_weights(
     assert not all(torch.equal(weights[k], fresh[k]) for k in inner)
     # A TRM-split decoder on strict-split evaluation data: allowed here, and flagged.
     assert state.contamination is not None and state.contamination.contaminated
+
+
+def test_a_learned_context_scale_is_not_part_of_the_decoder(
+    decoder: Path, strict_data: Path, tmp_path: Path
+) -> None:
+    config = make_config(strict_data, tmp_path / "run", *ETRM, "arch.context_scale=learned",
+                         f"load_pretrained_decoder={decoder}",
+                         "allow_contaminated_decoder=True")  # fmt: skip
+    _, data = create_dataloader(config, "train", DistInfo(), test_set_mode=False)
+    state = create_train_state(config, data, DistInfo())
+    scale = state.raw_model.state_dict()["model.inner.context_log_scale"]
+    # It starts at ETRM's scale, ln √D, whatever the decoder was trained with.
+    assert scale.item() == pytest.approx(math.log(math.sqrt(config.arch.hidden_size)))

@@ -34,7 +34,7 @@ Names follow ETRM so that its checkpoints load: ``encoder`` and ``inner`` (``emb
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +62,9 @@ class TRMEncoderInner(TinyRecursiveReasoningModel_ACTV1_Inner):
     ``learned``, a learned log-scale that starts at ln √D, i.e. at ETRM's scale (weight decay
     draws it towards the unscaled context).
     """
+
+    # Not part of a TRM decoder: ``load_pretrained_decoder`` leaves it as initialised.
+    keys_outside_decoder: ClassVar[tuple[str, ...]] = ("context_log_scale",)
 
     def __init__(self, config: ETRMConfig, dims: ModelDims) -> None:
         super().__init__(config, dims)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SerializeAsAny, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from evaluators.base import EVALUATOR_CONFIGS, EvaluatorConfig
 from models.arch_config import ARCH_CONFIGS, ArchConfig
@@ -98,7 +98,9 @@ class PretrainConfig(StrictModel):
     detect_anomaly: bool = Field(
         False, description="torch.autograd anomaly detection (slow; for debugging NaNs)"
     )
-    grad_clip_norm: float | None = Field(None, gt=0, description="None: no clipping (upstream)")
+    grad_clip_norm: float | None = Field(
+        None, ge=0, description="global-norm clip after the cross-rank sum; None or 0: none"
+    )
     data_workers: int = Field(1, ge=0, le=1, description="DataLoader workers (upstream: 1)")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop",
@@ -128,9 +130,56 @@ class PretrainConfig(StrictModel):
     objective: ObjectiveSpec = Field(
         default_factory=ObjectiveSpec, description="losses → objectives (Jacobian descent)"
     )
+    # Demonstration-conditioned models (arch=etrm, etrm_fct, etrmtrm; ETRM's top-level keys).
+    max_demos: int = Field(10, ge=1, description="demo slots K per item (ETRM: 10)")
+    max_train_groups: int | None = Field(
+        None, ge=1, description="train on the first N task groups only (None: all)"
+    )
+    max_eval_groups: int | None = Field(
+        None, ge=1, description="evaluate the first N task groups only (None: all)"
+    )
+    target_policy: Literal["test_pairs", "leave_one_out"] = Field(
+        "test_pairs",
+        description="training queries: the ARC test pairs (ETRM) or every pair in turn, the "
+        "others as its demos (LPN)",
+    )
+    encoder_lr_scale: float = Field(
+        0.0, ge=0, description="> 0: the encoder trains at lr × this, weight decay × 0.1"
+    )
+    load_pretrained_decoder: str | None = Field(
+        None, description="a TRM checkpoint whose decoder (EMA when present) starts the model"
+    )
+    freeze_decoder_steps: int = Field(
+        0,
+        ge=0,
+        description="train only the encoder for the first N optimizer steps (the decoder's "
+        "weights, optimizer moments and EMA stay as they were)",
+    )
+    allow_contaminated_decoder: bool = Field(
+        False,
+        description="evaluate on tasks whose demos the pretrained decoder was trained on "
+        "(logged and written into every result)",
+    )
+    updates_per_batch: int | None = Field(
+        None,
+        ge=1,
+        description="fixed computation time for any model: N optimizer steps per batch, the "
+        "carry reset per batch (arch=etrm_fct takes arch.num_act_steps instead)",
+    )
+    log_predictions_every: int | None = Field(
+        None,
+        ge=0,
+        description="accepted so that ETRM's command lines run unchanged; logs nothing here "
+        "(ETRM: W&B tables of training predictions)",
+    )
     aggregator: AggregatorConfig = Field(
         default_factory=AggregatorConfig, description="TorchJD aggregator of the objectives"
     )
+
+    @field_validator("grad_clip_norm")
+    @classmethod
+    def _no_clip(cls, value: float | None) -> float | None:
+        return None if value == 0 else value  # ETRM's spelling of "no clipping"
 
     @model_validator(mode="after")
     def _cross_field(self) -> PretrainConfig:
@@ -145,6 +194,11 @@ class PretrainConfig(StrictModel):
             raise ValueError(
                 "resume=auto needs a fixed run folder: give +run_name=... or +checkpoint_path=... "
                 "(the default run name is random)"
+            )
+        if self.freeze_decoder_steps and not self.objective.is_gradient_descent:
+            raise ValueError(
+                f"freeze_decoder_steps trains with the summed loss only; use objective=sum with "
+                f"it (got objective '{self.objective.name}')"
             )
         return self
 

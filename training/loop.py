@@ -5,7 +5,11 @@ Semantics are upstream ``pretrain.py``'s (``launch``): the ACT carry persists ac
 loader followed by an evaluation, and a checkpoint follows each evaluation. The pieces live in
 named modules: ``training.state`` (the state and its creation), ``training.strategies`` (how a
 batch becomes gradients), ``training.step`` (one optimizer step), ``training.evaluation`` and
-``training.rollout``, ``training.checkpointing`` (resumable ``step_N`` folders).
+``training.rollout``, ``training.checkpointing`` (resumable ``step_N`` folders). Every model
+family and step strategy runs through this one loop; a strategy that takes N optimizer steps
+per batch (ETRM-FCT) gets each batch N times, ``step`` counts optimizer steps (the schedule's
+length is N × the batches), and a checkpoint between two of a batch's steps resumes with the
+same batch and its remaining steps.
 
 SIGTERM or SIGINT (``training.preemption``) ends the run after the current step or evaluation,
 on every rank at the same step, with a checkpoint that ``resume=auto`` continues from
@@ -31,7 +35,7 @@ from training.data import check_eval_data, create_dataloader
 from training.evaluation import ema_weights, evaluate
 from training.preemption import InterruptedRunError, StopSignals
 from training.state import TrainState, create_train_state, seed_everything
-from training.step import NonFiniteLossError, any_rank, train_batch
+from training.step import NonFiniteLossError, StepResult, any_rank, train_batch
 from utils.distributed import DistInfo, collective_phase, decide_on_main
 from utils.logging import RunLogger
 
@@ -95,6 +99,11 @@ def run_training(
             evaluators = evaluators_factory(eval_data)
 
     state = create_train_state(config, train_data, dist_info)
+    assert state.strategy is not None
+    # The schedule counts optimizer steps, N per batch for fixed computation time.
+    state.total_steps = state.strategy.updates_per_batch * train_data.total_steps(config.epochs)
+    if dist_info.is_main and config.log_predictions_every is not None:
+        print("note: log_predictions_every is accepted for ETRM's command lines and logs nothing")
     if dist_info.is_main:
         info = describe_model(state.raw_model)
         logger.log({f"model/{k}": float(v) for k, v in info.items()}, step=0)
@@ -170,6 +179,30 @@ class _Run:
         )
 
 
+def _step(
+    run: _Run, batch: dict[str, torch.Tensor], logger: RunLogger, signals: StopSignals
+) -> StepResult:
+    """One optimizer step; rank 0 logs the metrics of a batch's last step (ETRM-FCT's are those
+    of the last of its N) and of every skipped one."""
+    config, dist_info, state = run.config, run.dist_info, run.state
+    # Slow: the first step compiles, and after an evaluation or a checkpoint the other ranks
+    # wait here while rank 0 finishes writing.
+    with collective_phase(f"step {state.step + 1}", slow=run.slow_next):
+        result = train_batch(
+            config, state, batch, dist_info, run.last_checkpoint, stop_requested=signals.requested
+        )
+    run.slow_next = False
+    if result.batch_done:
+        state.batches_in_iteration += 1
+    if result.metrics is not None and dist_info.is_main:
+        if result.batch_done or result.skipped is not None:
+            logger.log(result.metrics, step=state.step)
+        if result.skipped is not None:
+            print(f"step {state.step}: non-finite {result.skipped}, update skipped "
+                  f"({state.nonfinite_streak} in a row)")  # fmt: skip
+    return result
+
+
 def _train(
     run: _Run,
     train_loader: Any,
@@ -189,30 +222,31 @@ def _train(
         # straight into that evaluation; the data position already points at the next one.
         finished = 0 < train_data.num_batches(iteration) <= state.batches_in_iteration
         for _set_name, batch, _gbs in [] if finished else train_loader:
-            # Slow: the first step compiles, and after an evaluation or a checkpoint the other
-            # ranks wait here while rank 0 finishes writing.
-            with collective_phase(f"step {state.step + 1}", slow=run.slow_next):
-                result = train_batch(
-                    config, state, batch, dist_info, run.last_checkpoint,
-                    stop_requested=signals.requested,
-                )  # fmt: skip
-            run.slow_next = False
-            state.batches_in_iteration += 1
-            if result.metrics is not None and dist_info.is_main:
-                logger.log(result.metrics, step=state.step)
-                if result.skipped is not None:
-                    print(f"step {state.step}: non-finite {result.skipped}, update skipped "
-                          f"({state.nonfinite_streak} in a row)")  # fmt: skip
-                examples += config.global_batch_size
-                if progress is not None and result.skipped is None:
-                    rate = examples / max(time.perf_counter() - started, 1e-9)
-                    progress.update(loss=result.metrics["train/lm_loss"], examples_per_s=rate)
-            if config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0:
-                run.save()
-            if result.stop_requested:
-                raise run.interrupt(signals)
-            if config.max_steps is not None and state.step >= config.max_steps:
-                stop = True
+            # The strategy's optimizer steps on this batch (one, except fixed computation time).
+            while True:
+                result = _step(run, batch, logger, signals)
+                if result.metrics is not None and dist_info.is_main:
+                    if result.batch_done:
+                        examples += config.global_batch_size
+                    if progress is not None and result.skipped is None:
+                        postfix = {}
+                        if result.batch_done:
+                            rate = examples / max(time.perf_counter() - started, 1e-9)
+                            postfix = {"loss": result.metrics["train/lm_loss"],
+                                       "examples_per_s": rate}  # fmt: skip
+                        progress.update(**postfix)
+                if config.checkpoint_every_steps and (
+                    state.step % config.checkpoint_every_steps == 0
+                ):
+                    run.save()
+                if result.stop_requested:
+                    raise run.interrupt(signals)
+                if config.max_steps is not None and state.step >= config.max_steps:
+                    stop = True
+                    break
+                if result.batch_done:
+                    break
+            if stop:
                 break
         if not stop:
             state.iteration = iteration + 1

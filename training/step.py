@@ -3,18 +3,26 @@
 Upstream ``pretrain.py`` (``train_batch``): the strategy writes the gradients, they are summed
 over ranks (one flat all-reduce instead of one call per parameter), both optimizers follow
 warm-up + cosine, and the EMA shadow is updated after every step. On top: the global gradient
-norm (logged before clipping), optional clipping by that norm after the reduction, and a check
-on every rank together that the loss and the gradient norm are finite, before any optimizer or
-EMA update: ``nonfinite=stop`` ends the run there (the weights stay those of the last step, so
+norm (logged before clipping, with the norm of each of the family's ``norm_groups``, e.g.
+encoder and decoder), optional clipping by that norm after the reduction, and a check on every
+rank together that the loss and the gradient norm are finite, before any optimizer or EMA
+update: ``nonfinite=stop`` ends the run there (the weights stay those of the last step, so
 every checkpoint holds finite weights); ``nonfinite=skip`` drops the batch's update and goes on,
 ending the run after ``nonfinite_max_skips`` skips in a row. The metric sums, the non-finite
-flags, the stop request of any rank (a signal, ``training.preemption``) and the norm share one
+flags, the stop request of any rank (a signal, ``training.preemption``) and the norms share one
 all-reduce and one host read.
+
+``freeze_decoder_steps=N`` (ETRM's staged training) trains only the encoder for the first N
+optimizer steps: the decoder's parameters take no gradient then, so their weights, optimizer
+moments and EMA shadow stay as they were.
+
+Metric sums are turned into means by family (``normalize_metrics``): ``F/name`` by ``F/count``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +48,7 @@ class StepResult:
     metrics: dict[str, float] | None  # rank 0's view; None: a batch beyond the schedule
     stop_requested: bool = False  # some rank was asked to stop (SIGTERM/SIGINT)
     skipped: str | None = None  # nonfinite=skip: what was not finite ("loss", "gradient norm")
+    batch_done: bool = True  # the strategy took its last step on this batch
 
 
 class _SkipBatchError(Exception):
@@ -123,15 +132,67 @@ def sum_over_ranks(metrics: dict[str, torch.Tensor], dtype: torch.dtype) -> dict
     return dict(zip(keys, values.cpu().tolist(), strict=True))
 
 
+def _is_loss(key: str) -> bool:
+    """``lm_loss``, ``q_halt_loss``, ``kl_loss_weighted``, ``encoder/kl_loss``: sums over
+    samples, which the global batch divides."""
+    return "loss" in key.rsplit("/", 1)[-1].split("_")
+
+
 def normalize_metrics(
     reduced: dict[str, float], global_batch_size: int, prefix: str
 ) -> dict[str, float]:
-    """Metric sums over ranks → means: losses / global batch, the rest / count (upstream)."""
-    count = max(reduced["count"], 1.0)
-    return {
-        f"{prefix}/{k}": v / (global_batch_size if k.endswith("loss") else count)
-        for k, v in reduced.items()
-    }
+    """Metric sums over ranks → means, key by key.
+
+    Losses (a name with a ``loss`` word) / the global batch; a family's ``F/name`` / the
+    family's own ``F/count`` (the rows it counted, e.g. ``all_steps/`` every row at every step,
+    ``encoder/`` the encoded rows); bare names / ``count`` (upstream: the rows that halted).
+    The ``F/count`` entries themselves are not returned; the bare ``count`` is (upstream logs
+    it, always 1).
+    """
+    counts = {k.rsplit("/", 1)[0]: v for k, v in reduced.items() if k.endswith("/count")}
+    means = {}
+    for key, value in reduced.items():
+        family = key.rsplit("/", 1)[0] if "/" in key else None
+        if family is not None and key == f"{family}/count":
+            continue
+        if _is_loss(key):
+            divisor = float(global_batch_size)
+        elif family is None:
+            divisor = reduced["count"]
+        elif family in counts:
+            divisor = counts[family]
+        else:
+            raise ValueError(f"metric {key!r} has no {family}/count to be divided by")
+        means[f"{prefix}/{key}"] = value / max(divisor, 1.0)
+    return means
+
+
+def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The 2-norm of several tensors together (0 for none)."""
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+
+
+def decoder_frozen(config: PretrainConfig, step: int) -> bool:
+    """Whether optimizer step ``step`` (1-based) trains only the encoder."""
+    return step <= config.freeze_decoder_steps
+
+
+@contextmanager
+def _without_gradient(params: list[nn.Parameter]) -> Iterator[None]:
+    """``params`` take no gradient inside: their ``.grad`` stays None, so the optimizers skip
+    them (no update, no weight decay, no moment update), and their EMA shadow, equal to them
+    since the run began, stays equal (``s + (1 - μ)·(p - s)`` with ``p = s``). The backward
+    through them to the layers before still runs."""
+    trainable = [p for p in params if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 def train_batch(
@@ -144,40 +205,67 @@ def train_batch(
     stop_requested: bool = False,
 ) -> StepResult:
     """One optimizer step on one global batch. ``stop_requested`` is this rank's wish to stop;
-    the result says whether any rank has one."""
+    the result says whether any rank has one. A strategy with several steps per batch is
+    called with the same batch until ``StepResult.batch_done``."""
+    assert state.strategy is not None
     state.step += 1
+    result = _optimizer_step(config, state, batch, dist_info, last_checkpoint, stop_requested)
+    result.batch_done = state.strategy.advance()
+    return result
+
+
+def _optimizer_step(
+    config: PretrainConfig,
+    state: TrainState,
+    batch: dict[str, torch.Tensor],
+    dist_info: DistInfo,
+    last_checkpoint: Path | None,
+    stop_requested: bool,
+) -> StepResult:
+    strategy = state.strategy
+    assert strategy is not None
     if state.step > state.total_steps:  # upstream skips batches beyond the schedule
         return StepResult(None, any_rank(stop_requested, dist_info.device))
     batch = {k: v.to(dist_info.device, non_blocking=True) for k, v in batch.items()}
     if state.carry is None:
         state.carry = state.model.initial_carry(batch)
 
+    frozen = decoder_frozen(config, state.step)
     try:
-        grads_out = state.strategy.compute_gradients(
-            state, batch, finite_guard(config, state, last_checkpoint)
-        )
+        with _without_gradient(strategy.norm_groups["decoder"] if frozen else []):
+            grads_out = strategy.compute_gradients(
+                state, batch, finite_guard(config, state, last_checkpoint)
+            )
     except _SkipBatchError:
         return _skip_update(config, state, "loss", any_rank(stop_requested, dist_info.device))
     params = [p for p in state.raw_model.parameters() if p.requires_grad]
     if not grads_out.reduced_across_ranks:
         reduce_gradients(params)
-    grads = [p.grad for p in params if p.grad is not None]
-    # The global norm after the reduction, logged before any clipping.
-    grad_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])) if grads else None
+    with_grad = [p for p in params if p.grad is not None]
+    # The global norm after the reduction, logged before any clipping, and the norms of the
+    # family's groups, which ride along in the same host read.
+    norms: dict[str, torch.Tensor] = {}
+    if with_grad:
+        norms["train/grad_norm"] = _norm([p.grad for p in with_grad], dist_info.device)
+        for name, group in strategy.norm_groups.items():
+            members = {id(p) for p in group}
+            grads = [p.grad for p in with_grad if id(p) in members]
+            norms[f"train/grad_norm/{name}"] = _norm(grads, dist_info.device)
     # One all-reduce and one host read per step: the metric sums and the flags are summed over
-    # ranks (so every rank takes the same decision), the global norm rides along, and all are
-    # read together.
+    # ranks (so every rank takes the same decision), the norms ride along, and all are read
+    # together.
     sums = dict(grads_out.out.metrics)
     if grads_out.unchecked_non_finite is not None:
         sums[_NON_FINITE_LOSS] = grads_out.unchecked_non_finite
-    if grad_norm is not None:
-        sums[_NON_FINITE_NORM] = ~torch.isfinite(grad_norm)
+    if norms:
+        sums[_NON_FINITE_NORM] = ~torch.isfinite(norms["train/grad_norm"])
     sums[_STOP] = torch.tensor(float(stop_requested))
     keys = sorted(sums)
     values = torch.stack([sums[k].to(dist_info.device, torch.float32) for k in keys])
     all_reduce_sum_(values)
-    if grad_norm is not None:
-        values = torch.cat([values, grad_norm.to(torch.float32).reshape(1)])
+    if norms:
+        extra = [n.to(dist_info.device, torch.float32).reshape(1) for n in norms.values()]
+        values = torch.cat([values, *extra])
     host = values.cpu().tolist()
     reduced = dict(zip(keys, host, strict=False))
     stop = reduced.pop(_STOP) > 0
@@ -189,7 +277,7 @@ def train_batch(
             _stop_non_finite(what, state, last_checkpoint)
         return _skip_update(config, state, what, stop)
     state.nonfinite_streak = 0
-    if config.grad_clip_norm is not None and grads:
+    if config.grad_clip_norm is not None and with_grad:
         torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
 
     lr = step_optimizers(state.optimizers, state.step, state.total_steps, config)
@@ -199,6 +287,7 @@ def train_batch(
     metrics = normalize_metrics(reduced, config.global_batch_size, "train")
     metrics.update(grads_out.metrics)
     metrics["train/lr"] = lr
-    if grad_norm is not None:
-        metrics["train/grad_norm"] = host[-1]
+    metrics.update(zip(norms, host[len(keys) :], strict=True))
+    if config.freeze_decoder_steps:
+        metrics["train/decoder_frozen"] = float(frozen)
     return StepResult(metrics, stop)

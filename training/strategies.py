@@ -4,17 +4,22 @@ The loop calls ``strategy.compute_gradients(state, batch, guard)``; each strateg
 forward(s), writes ``.grad`` and returns the last supervision step's ``LossOutput``, its own
 metrics and whether the gradients are already summed over ranks. The rest of the step
 (cross-rank reduction, norm, clipping, optimizers, EMA) is the same for all
-(``training.step``). Strategies register in ``STEP_STRATEGIES``; ``build_strategy`` takes the
-one ``step_strategy`` names, or with ``auto`` picks by the objective (``objective=sum`` is
-gradient descent, every other objective Jacobian descent). Adding a strategy is one class plus
-a registration; ``step_strategy=<name>`` selects it.
+(``training.step``). A strategy may take several optimizer steps on one batch
+(``updates_per_batch``, ETRM-FCT's N): the loop then hands it the same batch that many times in
+a row, and ``position`` (saved with the strategy, so a checkpoint may fall between them) says
+how many it has taken. Strategies register in ``STEP_STRATEGIES``; ``build_strategy`` takes the
+one ``step_strategy`` names, or with ``auto`` picks fixed computation time when the number of
+steps per batch is known (``arch.optimizer_steps_per_batch``, ``updates_per_batch``) and
+otherwise by the objective (``objective=sum`` is gradient descent, every other objective
+Jacobian descent). Adding a strategy is one class plus a registration;
+``step_strategy=<name>`` selects it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -49,7 +54,12 @@ class Gradients:
 
 
 class StepStrategy(ABC):
-    """Turns one batch into ``.grad`` of the trainable tensors."""
+    """Turns one batch into ``.grad`` of the trainable tensors.
+
+    ``norm_groups`` are the family's named parameter groups whose gradient norms the step logs
+    (``ModelFamily.norm_groups``; empty for TRM). ``updates_per_batch`` optimizer steps are
+    taken on each batch; ``position`` counts those already taken on the current one.
+    """
 
     name: ClassVar[str]
     compiles: ClassVar[bool] = True  # whether the model may run under torch.compile
@@ -64,10 +74,19 @@ class StepStrategy(ABC):
         self.config = config
         self.family = family
         self.capabilities = capabilities
+        self.norm_groups: dict[str, list[nn.Parameter]] = family.norm_groups(head)
+        self.updates_per_batch = 1
+        self.position = 0
 
     @abstractmethod
     def compute_gradients(self, state: TrainState, batch: Batch, guard: Guard) -> Gradients:
         """Forward(s) and backward(s) for ``batch``; advances ``state.carry``."""
+
+    def advance(self) -> bool:
+        """Count one optimizer step (taken or skipped) on the current batch; whether that
+        finished the batch."""
+        self.position = (self.position + 1) % self.updates_per_batch
+        return self.position == 0
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -93,6 +112,51 @@ class GradientDescent(StepStrategy):
         # batch size, and the SUM all-reduce of the gradients then gives the global mean.
         (loss / self.config.global_batch_size).backward()
         return Gradients(out, unchecked_non_finite=(~torch.isfinite(loss.detach())).float())
+
+
+@STEP_STRATEGIES.register("fixed_computation_time")
+class FixedComputationTime(GradientDescent):
+    """ETRM-FCT's loop (``pretrain_encoder.py`` at ETRM 67e3e0b): N optimizer steps per batch.
+
+    At the first step of a batch every row loads it afresh (latents from the init states, no
+    carry from the previous batch); each later step continues from the previous step's carry
+    (detached by the model) with the weights that step updated. The loss is always on the
+    batch's labels, and rows never halt in training: a row that the Q head (or
+    ``halt_max_steps``) would stop keeps working on its item until the batch's N steps are
+    done. Every step is a whole optimizer step (backward, cross-rank reduction, clipping,
+    optimizers, EMA; ``training.step``) with its own learning rate: the schedule counts
+    optimizer steps, where ETRM gave all N steps of a batch the batch's learning rate. The
+    metrics logged are those of the last of the N steps, as ETRM's.
+    """
+
+    name: ClassVar[str] = "fixed_computation_time"
+
+    def __init__(
+        self,
+        config: PretrainConfig,
+        head: nn.Module,
+        family: ModelFamily,
+        capabilities: Capabilities,
+    ) -> None:
+        super().__init__(config, head, family, capabilities)
+        steps = fct_steps_per_batch(config)
+        assert steps is not None  # strategy_name picks this strategy only then
+        self.updates_per_batch = steps
+
+    def compute_gradients(self, state: TrainState, batch: Batch, guard: Guard) -> Gradients:
+        assert state.carry is not None  # training.step creates it
+        # halted=True makes every row reload the batch (ACTModel resets halted rows); False
+        # keeps every row on its item, whatever the Q head decided at the previous step.
+        restart = self.position == 0
+        halted = torch.full_like(state.carry.halted, restart)
+        state.carry = replace(state.carry, halted=halted)
+        return super().compute_gradients(state, batch, guard)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.position = int(state.get("position", 0))
 
 
 @STEP_STRATEGIES.register("jacobian_descent")
@@ -176,18 +240,55 @@ class JacobianDescent(StepStrategy):
         return Gradients(last["out"], result.metrics, result.reduced_across_ranks)
 
 
-def strategy_name(config: PretrainConfig) -> str:
-    """The registered strategy the config asks for (``step_strategy``, or by the objective)."""
-    if config.step_strategy == "auto":
-        return "gradient_descent" if config.objective.is_gradient_descent else "jacobian_descent"
-    try:
-        name = STEP_STRATEGIES.canonical(config.step_strategy)
-    except ValueError as e:
-        raise ConfigError(f"step_strategy: {e}") from None
-    if name == "gradient_descent" and not config.objective.is_gradient_descent:
+def fct_steps_per_batch(config: PretrainConfig) -> int | None:
+    """Optimizer steps per batch for fixed computation time: the architecture's
+    (``arch=etrm_fct``: ``arch.num_act_steps``) or ``updates_per_batch``; None when neither
+    gives one."""
+    steps = config.arch.optimizer_steps_per_batch
+    if steps is not None and config.updates_per_batch is not None:
         raise ConfigError(
-            f"step_strategy gradient_descent would ignore objective '{config.objective.name}'; "
-            "use step_strategy=auto or objective=sum"
+            f"updates_per_batch: arch={config.arch.name} takes {steps} optimizer steps per "
+            "batch (arch.num_act_steps); set that instead"
+        )
+    return steps if steps is not None else config.updates_per_batch
+
+
+def strategy_name(config: PretrainConfig) -> str:
+    """The registered strategy the config asks for (``step_strategy``, or chosen as the module
+    docstring says)."""
+    fct_steps = fct_steps_per_batch(config)
+    if config.step_strategy == "auto":
+        if fct_steps is not None:
+            name = "fixed_computation_time"
+        elif config.objective.is_gradient_descent:
+            name = "gradient_descent"
+        else:
+            name = "jacobian_descent"
+    else:
+        try:
+            name = STEP_STRATEGIES.canonical(config.step_strategy)
+        except ValueError as e:
+            raise ConfigError(f"step_strategy: {e}") from None
+    summed_only = name in ("gradient_descent", "fixed_computation_time")
+    if summed_only and not config.objective.is_gradient_descent:
+        fix = "objective=sum" if fct_steps is not None else "step_strategy=auto or objective=sum"
+        raise ConfigError(
+            f"step_strategy {name} would ignore objective '{config.objective.name}'; use {fix}"
+        )
+    if name == "fixed_computation_time" and fct_steps is None:
+        raise ConfigError(
+            "step_strategy fixed_computation_time needs the optimizer steps per batch: "
+            "arch=etrm_fct arch.num_act_steps=N, or updates_per_batch=N for other models"
+        )
+    if name != "fixed_computation_time" and fct_steps is not None:
+        what = (
+            f"arch={config.arch.name} (arch.num_act_steps)"
+            if config.arch.optimizer_steps_per_batch is not None
+            else f"updates_per_batch={fct_steps}"
+        )
+        raise ConfigError(
+            f"step_strategy {name}: {what} asks for {fct_steps} optimizer steps per batch, "
+            "which only fixed_computation_time takes; use step_strategy=auto"
         )
     return name
 
@@ -195,4 +296,13 @@ def strategy_name(config: PretrainConfig) -> str:
 def build_strategy(
     config: PretrainConfig, head: nn.Module, family: ModelFamily, capabilities: Capabilities
 ) -> StepStrategy:
-    return STEP_STRATEGIES.get(strategy_name(config))(config, head, family, capabilities)
+    """The strategy ``strategy_name`` picks; ``freeze_decoder_steps`` needs a model whose
+    family names its decoder (``norm_groups``)."""
+    strategy = STEP_STRATEGIES.get(strategy_name(config))(config, head, family, capabilities)
+    if config.freeze_decoder_steps > 0 and "decoder" not in strategy.norm_groups:
+        raise ConfigError(
+            f"freeze_decoder_steps: arch={config.arch.name} has no encoder, so nothing would "
+            "train while its decoder is frozen; use an encoder model (arch=etrm, etrm_fct) or "
+            "set freeze_decoder_steps=0"
+        )
+    return strategy

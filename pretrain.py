@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -94,8 +95,9 @@ def launch(config: PretrainConfig, dist_info: DistInfo) -> None:
             print(f"  {key}: {outcome.eval_metrics[key]:.4f}")
 
 
-@hydra.main(config_path="config", config_name="cfg_pretrain", version_base=None)
-def main(cfg: DictConfig) -> None:
+def run_from_hydra(cfg: DictConfig) -> None:
+    """The whole command once Hydra has composed ``cfg``: validate, start the processes, train,
+    and turn failures into the exit codes above (shared by ``pretrain_encoder.py``)."""
     try:
         config = load_pretrain_config(cfg)
         check_world_size(config, env_world_size())
@@ -123,6 +125,17 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def start(main: Callable[[], None]) -> None:
+    """Run a ``@hydra.main`` function on the command line, a misspelt key answered by the
+    validation rather than by Hydra (``utils.config.lenient_overrides``)."""
     sys.argv[1:] = lenient_overrides(sys.argv[1:])
     main()
+
+
+@hydra.main(config_path="config", config_name="cfg_pretrain", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run_from_hydra(cfg)
+
+
+if __name__ == "__main__":
+    start(main)

@@ -186,15 +186,27 @@ def run(config_name: str, data: Path, run_dir: Path, *overrides: str) -> dict[st
 
 
 def test_a_tiny_etrm_fct_run(strict_data: Path, tmp_path: Path) -> None:
+    """ETRM-FCT with ETRM's staged training: the first batch's 2 steps train only the encoder."""
     run("cfg_pretrain_encoder_arc_agi_1", strict_data, tmp_path, "arch.num_act_steps=2",
-        "max_steps=4")  # fmt: skip
+        "max_steps=4", "freeze_decoder_steps=2", "ema=True",
+        "checkpoint_every_steps=2")  # fmt: skip
     lines = [m for m in metric_lines(tmp_path) if "train/lm_loss" in m]
     assert [m["step"] for m in lines] == [2, 4]  # the last of each batch's 2 steps
+    assert [m["train/decoder_frozen"] for m in lines] == [1.0, 0.0]
+    assert lines[0]["train/grad_norm/decoder"] == 0.0
     for m in lines:
-        assert m["train/grad_norm/encoder"] > 0 and m["train/grad_norm/decoder"] > 0
+        assert m["train/grad_norm/encoder"] > 0
         total = m["train/grad_norm/encoder"] ** 2 + m["train/grad_norm/decoder"] ** 2
         assert total == pytest.approx(m["train/grad_norm"] ** 2, rel=1e-5)
         assert 0 <= m["train/all_steps/accuracy"] <= 1
+    assert lines[1]["train/grad_norm/decoder"] > 0
+    # While frozen, the decoder's EMA shadow never leaves its weights; the encoder's does.
+    weights = torch.load(tmp_path / "step_2/model.pt", weights_only=True)
+    ema = torch.load(tmp_path / "step_2/ema.pt", weights_only=True)
+    decoder = [k for k in ema if k.startswith("model.inner.")]
+    encoder = [k for k in ema if k.startswith("model.encoder.")]
+    assert decoder and all(torch.equal(ema[k], weights[k]) for k in decoder)
+    assert encoder and not all(torch.equal(ema[k], weights[k]) for k in encoder)
     saved = torch.load(tmp_path / "step_4/train_state.pt", weights_only=True)
     assert saved["strategy"] == {"position": 0}
 

@@ -16,10 +16,13 @@ import pytest
 import torch
 
 from models.arch_config import ARCH_CONFIGS
+from models.family import family_of
 from models.losses import ACTLossHead, LossOutput
 from models.recursive_reasoning.common import ModelDims
 from models.recursive_reasoning.recording import record_steps
 from models.registry import MODELS, build_loss_head, describe_model
+from models.sparse_embedding import CastedSparseEmbedding
+from tests.conftest import model_batch
 from training.config import load_pretrain_config
 from utils.checkpoint import CheckpointMismatchError, load_model_weights, read_state_dict
 from utils.config import compose
@@ -36,20 +39,23 @@ def arch_config(arch: str, *overrides: str):
 
 def tiny_head(arch: str, *overrides: str, dims: ModelDims = TINY_DIMS) -> ACTLossHead:
     torch.manual_seed(0)
-    return build_loss_head(arch_config(arch, "+experiment=tiny_cpu", *overrides), dims)
+    config = arch_config(arch, "+experiment=tiny_cpu", *overrides)
+    return family_of(config).build(config, dims)
 
 
-def tiny_batch(dims: ModelDims = TINY_DIMS) -> dict[str, torch.Tensor]:
+def tiny_batch(arch: str, dims: ModelDims = TINY_DIMS) -> dict[str, torch.Tensor]:
+    """The fields ``arch``'s family reads (demonstrations too, for the encoder family)."""
     g = torch.Generator().manual_seed(1)
     shape = (dims.batch_size, dims.seq_len)
     labels = torch.randint(0, dims.vocab_size, shape, generator=g, dtype=torch.int32)
     labels[:, -2:] = -100
-    return {
+    base = {
         "inputs": torch.randint(0, dims.vocab_size, shape, generator=g, dtype=torch.int32),
         "labels": labels,
         "puzzle_identifiers": torch.randint(1, dims.num_puzzle_identifiers, (dims.batch_size,),
                                             generator=g, dtype=torch.int32),
     }  # fmt: skip
+    return model_batch(arch, base, dims.vocab_size)
 
 
 def test_registry_has_a_model_for_every_config() -> None:
@@ -61,7 +67,7 @@ def test_registry_has_a_model_for_every_config() -> None:
 def test_forward_backward(arch: str, dtype: str, device: torch.device) -> None:
     head = tiny_head(arch, f"arch.forward_dtype={dtype}").to(device)
     head.train()
-    b = {k: v.to(device) for k, v in tiny_batch().items()}
+    b = {k: v.to(device) for k, v in tiny_batch(arch).items()}
     carry = head.initial_carry(b)
     for _ in range(2):
         out = head(carry=carry, batch=b, return_keys=["logits"])
@@ -74,15 +80,24 @@ def test_forward_backward(arch: str, dtype: str, device: torch.device) -> None:
     grads = {n: p.grad for n, p in head.named_parameters()}
     assert all(g is not None for g in grads.values()), [n for n, g in grads.items() if g is None]
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lm_head" in n)
-    # The puzzle embedding's gradient lands on the batch-sized local buffer.
-    assert head.model.inner.puzzle_emb.local_weights.grad is not None
+    config = head.model.config
+    family = family_of(config)
+    tables = [m for m in head.modules() if isinstance(m, CastedSparseEmbedding)]
+    if family.capabilities(config, head).sparse_embedding:
+        # The puzzle embedding's gradient lands on the batch-sized local buffer.
+        assert head.model.inner.puzzle_emb.local_weights.grad is not None
+    else:
+        assert tables == []
+    # Every part whose norm is logged apart (the encoder family: encoder, decoder) learns.
+    for part, params in family.norm_groups(head).items():
+        assert params and any(p.grad.abs().sum() > 0 for p in params), part
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_recording_sees_every_latent_update(arch: str) -> None:
     head = tiny_head(arch)
     cfg = head.model.config
-    b = tiny_batch()
+    b = tiny_batch(arch)
     with record_steps(head, latents=True) as rec:
         out = head(carry=head.initial_carry(b), batch=b)
         head(carry=out.new_carry, batch=b)
@@ -95,6 +110,10 @@ def test_recording_sees_every_latent_update(arch: str) -> None:
         "trmjd": cfg.H_cycles * (cfg.L_cycles + 1),
         "hrm": cfg.H_cycles * (cfg.L_cycles + 1),
         "transformers_baseline": 1,
+        # The encoder family records its decoder, TRM's inner model, not the encoder.
+        "etrm": cfg.H_cycles * (cfg.L_cycles + 1),
+        "etrm_fct": cfg.H_cycles * (cfg.L_cycles + 1),
+        "etrmtrm": cfg.H_cycles * (cfg.L_cycles + 1),
     }[arch]
     assert n == expected
     last = rec.act_steps[0][-1]
@@ -109,7 +128,7 @@ def test_recording_keeps_the_rows_asked_for_and_decodes_them_with_the_lm_head(ar
     head = tiny_head(arch)
     head.eval()
     inner = head.model.inner
-    b = tiny_batch()
+    b = tiny_batch(arch)
     rows = torch.tensor([2, 0])
     with record_steps(head, rows=rows) as decoded:  # the defaults: decode, no latents
         head(carry=head.initial_carry(b), batch=b)
@@ -141,7 +160,7 @@ def test_recording_changes_neither_outputs_nor_gradients(arch: str) -> None:
     def run(record: bool) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         head = tiny_head(arch)
         head.train()
-        b = tiny_batch()
+        b = tiny_batch(arch)
         torch.manual_seed(5)
         values: list[torch.Tensor] = []
         with contextlib.ExitStack() as stack:
@@ -154,6 +173,7 @@ def test_recording_changes_neither_outputs_nor_gradients(arch: str) -> None:
                 carry = out.new_carry
                 values += [out.token_loss, out.q_halt_loss, *out.outputs.values()]
                 values += [*carry.inner_carry.values(), carry.steps, carry.halted]
+                values += list(carry.current_data.values())  # the encoder family's state too
                 if out.q_continue_loss is not None:
                     values.append(out.q_continue_loss)
         grads = {n: p.grad for n, p in head.named_parameters() if p.grad is not None}
@@ -183,7 +203,7 @@ def test_hrm_takes_a_one_step_gradient() -> None:
     inner.L_level.register_forward_hook(lambda *_: flags.append(("L", torch.is_grad_enabled())))
     inner.H_level.register_forward_hook(lambda *_: flags.append(("H", torch.is_grad_enabled())))
     head.eval()
-    b = tiny_batch()
+    b = tiny_batch("hrm")
     head(carry=head.initial_carry(b), batch=b)
     H, L = head.model.config.H_cycles, head.model.config.L_cycles
     assert [f for f in flags if f[1]] == [("L", True), ("H", True)]
@@ -196,7 +216,7 @@ def test_baseline_halts_only_with_act_and_reports_actual_steps() -> None:
     head.eval()
     with torch.no_grad():
         head.model.inner.q_head.bias.copy_(torch.tensor([1.0, 0.0]))
-    b = tiny_batch()
+    b = tiny_batch("transformers_baseline")
     out = head(carry=head.initial_carry(b), batch=b, return_keys=["actual_steps"])
     assert out.new_carry.halted.all()
     assert out.outputs["actual_steps"].tolist() == [1.0] * 3
@@ -229,8 +249,15 @@ def _key_shapes(arch: str) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in head.state_dict().items()}
 
 
+# The encoder family's keys are ETRM's, guarded against the key lists its own code produces:
+# tests/test_etrm_model.py::test_state_dict_keys_equal_etrms (etrm) and
+# tests/test_recurrent_encoders.py::test_state_dict_keys_and_shapes_equal_etrms (etrmtrm);
+# etrm_fct's equal etrm's (test_etrm_fct_keys_are_etrms).
+GOLDEN_ARCHS = [a for a in ARCHS if ARCH_CONFIGS.get(a).family != "encoder"]
+
+
 def test_golden_state_dict_keys() -> None:
-    current = {arch: _key_shapes(arch) for arch in ARCHS}
+    current = {arch: _key_shapes(arch) for arch in GOLDEN_ARCHS}
     if os.environ.get("TRM_REGEN_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         lines = [
@@ -242,8 +269,16 @@ def test_golden_state_dict_keys() -> None:
         GOLDEN.write_text("{\n" + ",\n".join(lines) + "\n}\n")
     golden = json.loads(GOLDEN.read_text())
     assert sorted(golden) == sorted(current)
-    for arch in ARCHS:
+    for arch in GOLDEN_ARCHS:
         assert current[arch] == golden[arch], f"{arch}: state-dict keys or shapes changed"
+
+
+def test_etrm_fct_keys_are_etrms() -> None:
+    """ETRM-FCT changes only the training loop: its checkpoints are ETRM's."""
+    fct = _key_shapes("etrm_fct")
+    assert fct == _key_shapes("etrm")
+    assert any(k.startswith("model.encoder.") for k in fct)
+    assert not any("puzzle_emb" in k for k in fct)
 
 
 def test_trm_keys_are_upstreams() -> None:

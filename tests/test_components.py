@@ -12,15 +12,18 @@ import torch
 
 import pretrain
 from models.arch_config import ARCH_CONFIGS
+from models.encoders.base import DemoEncoder
 from models.family import FAMILIES, family_of
+from models.per_sample import uncollected_parameters
 from models.recursive_reasoning.common import ModelDims
 from models.sparse_embedding import CastedSparseEmbedding
+from tests.conftest import model_batch
 from tests.test_training import make_config, metric_lines, train
 from training.rollout import rollout
 from training.strategies import STEP_STRATEGIES, strategy_name
 from utils import checkpoint as ckpt
 from utils.config import compose
-from utils.schema import UserError
+from utils.schema import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parent.parent
 DIMS = ModelDims(batch_size=3, seq_len=10, vocab_size=6, num_puzzle_identifiers=5)
@@ -46,8 +49,17 @@ def test_every_architecture_has_a_family_that_builds_it(name: str) -> None:
     caps = family.capabilities(config, head)
     assert caps.halting == (name != "trmjd")  # trmjd has no Q head by default
     assert caps.cycle_losses == (name == "trmjd")
-    assert caps.sparse_embedding and caps.traceable
-    assert caps.per_sample_layers  # every weight of these models is a Casted layer's
+    assert caps.traceable
+    # A puzzle table exactly where the config asks for one (the encoder family sets 0).
+    has_table = any(isinstance(m, CastedSparseEmbedding) for m in head.modules())
+    assert caps.sparse_embedding == has_table == (config.puzzle_emb_ndim > 0)
+    assert caps.kl_loss == config.has_kl_loss
+    # Every weight outside a demonstration encoder is a Casted layer's; only an encoder may
+    # hold others (learned query tokens, norm scales), which leave the model without
+    # per-sample layers.
+    uncollected = list(uncollected_parameters(head))
+    assert all(n.startswith("model.encoder.") for n in uncollected), uncollected
+    assert caps.per_sample_layers == (uncollected == [])
 
 
 @pytest.mark.parametrize("name", ARCH_CONFIGS.names())
@@ -56,11 +68,34 @@ def test_optimizer_groups_cover_every_trainable_tensor_once(name: str) -> None:
     family = family_of(config)
     head = family.build(config, DIMS)
     groups = family.optimizer_groups(head, freeze_weights=False)
-    assert list(groups) == ["puzzle_emb", "weights"]
-    assert groups["puzzle_emb"].kind == "sign_sgd" and groups["weights"].kind == "adam_atan2"
-    table = next(m for m in head.modules() if isinstance(m, CastedSparseEmbedding))
-    assert {id(t) for t in groups["puzzle_emb"].tensors} == {id(b) for b in table.buffers()}
-    assert {id(t) for t in groups["weights"].tensors} == {id(p) for p in head.parameters()}
+    params = {id(p) for p in head.parameters()}
+    if family.capabilities(config, head).sparse_embedding:
+        assert list(groups) == ["puzzle_emb", "weights"]
+        assert groups["puzzle_emb"].kind == "sign_sgd"
+        table = next(m for m in head.modules() if isinstance(m, CastedSparseEmbedding))
+        assert {id(t) for t in groups["puzzle_emb"].tensors} == {id(b) for b in table.buffers()}
+    else:
+        assert list(groups) == ["weights"]
+    assert groups["weights"].kind == "adam_atan2"
+    assert [id(t) for t in groups["weights"].tensors] == [id(p) for p in head.parameters()]
+
+    # With its own learning-rate scale, a demonstration encoder gets a second optimizer.
+    encoders = [m for m in head.modules() if isinstance(m, DemoEncoder)]
+    if not encoders:
+        with pytest.raises(ConfigError, match="encoder_lr_scale applies to models with"):
+            family.optimizer_groups(head, freeze_weights=False, encoder_lr_scale=0.5)
+        return
+    groups = family.optimizer_groups(head, freeze_weights=False, encoder_lr_scale=0.5)
+    assert list(groups) == ["weights", "encoder"]
+    encoder = {id(p) for p in encoders[0].parameters()}
+    named = {id(p): n for n, p in head.named_parameters()}
+    assert encoder and all(named[i].startswith("model.encoder.") for i in encoder)
+    by_group = {k: [id(t) for t in g.tensors] for k, g in groups.items()}
+    assert set(by_group["encoder"]) == encoder and len(by_group["encoder"]) == len(encoder)
+    assert set(by_group["weights"]) == params - encoder
+    assert len(by_group["weights"]) + len(encoder) == len(params)
+    assert groups["encoder"].kind == "adam_atan2" and groups["encoder"].lr_scale == 0.5
+    assert groups["weights"].lr_scale == 1.0
 
 
 def test_frozen_weights_leave_only_the_puzzle_table() -> None:
@@ -96,11 +131,21 @@ def test_the_loader_yields_exactly_the_family_batch_fields(arc_data: Path, tmp_p
 # Step strategies
 # ----------------------------------------------------------------------------------------------
 def test_strategies_are_chosen_from_the_objective(arc_data: Path, tmp_path: Path) -> None:
-    assert STEP_STRATEGIES.names() == ["gradient_descent", "jacobian_descent"]
+    assert STEP_STRATEGIES.names() == [
+        "fixed_computation_time",
+        "gradient_descent",
+        "jacobian_descent",
+    ]
     assert strategy_name(make_config(arc_data, tmp_path)) == "gradient_descent"
     jd = make_config(arc_data, tmp_path, "objective=iwrm_with_q_halt_in")
     assert strategy_name(jd) == "jacobian_descent"
+    # The architecture fixes N optimizer steps per batch (ETRM-FCT's arch.num_act_steps).
+    assert strategy_name(make_config(arc_data, tmp_path, "arch=etrm")) == "gradient_descent"
+    fct = make_config(arc_data, tmp_path, "arch=etrm_fct")
+    assert fct.arch.optimizer_steps_per_batch == 4
+    assert strategy_name(fct) == "fixed_computation_time"
     assert STEP_STRATEGIES.get("gradient_descent").compiles
+    assert STEP_STRATEGIES.get("fixed_computation_time").compiles
     assert not STEP_STRATEGIES.get("jacobian_descent").compiles  # per-sample hooks run eagerly
 
 
@@ -157,7 +202,7 @@ def test_a_format_1_checkpoint_with_other_optimizers_is_refused(
 # ----------------------------------------------------------------------------------------------
 # Rollout
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["trm", "hrm", "transformers_baseline"])
+@pytest.mark.parametrize("name", ["trm", "hrm", "transformers_baseline", "etrm", "etrmtrm"])
 def test_rollout_runs_every_step_and_marks_each_slot_halted_once(name: str) -> None:
     config = arch(name, "arch.halt_max_steps=3")
     head = family_of(config).build(config, DIMS).eval()
@@ -167,7 +212,7 @@ def test_rollout_runs_every_step_and_marks_each_slot_halted_once(name: str) -> N
         "labels": torch.randint(0, DIMS.vocab_size, (3, DIMS.seq_len), generator=g),
         "puzzle_identifiers": torch.tensor([1, 2, 3]),
     }
-    batch = {k: v.to(torch.int32) for k, v in batch.items()}
+    batch = model_batch(name, {k: v.to(torch.int32) for k, v in batch.items()}, DIMS.vocab_size)
     with torch.no_grad():
         steps = list(rollout(head, batch, return_keys=["q_halt_logits"]))
         # The same loop written out: three supervision steps from the initial carry.

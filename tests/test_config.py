@@ -129,14 +129,18 @@ def test_experiment_recipes_match_the_readme() -> None:
         ("+arch.hiden_size=3", "arch.hiden_size: unknown key; allowed keys here: H_cycles"),
         (
             "+global_batchsize=3",
-            "global_batchsize: unknown key; allowed keys here: aggregator, allow_data_mismatch",
+            "global_batchsize: unknown key; allowed keys here: "
+            f"{', '.join(sorted(PretrainConfig.model_fields))}; did you mean global_batch_size?",
         ),
         (
             "+arch.loss.los_type=x",
             "arch.loss.los_type: unknown key; allowed keys here: differential_loss, loss_type",
         ),
         ("+evaluators.0.pass_K=[1]", "evaluators.0.pass_K: unknown key; allowed keys here: "),
-        ("arch.name=trn", "arch.name: unknown architecture 'trn'; choose one of: hrm"),
+        (
+            "arch.name=trn",
+            f"arch.name: unknown architecture 'trn'; choose one of: {', '.join(ARCH_FILES)}",
+        ),
         ("evaluators.0.name=ark", "evaluators.0.name: unknown evaluator 'ark'; choose one of: arc"),
         ("arch.loss.loss_type=mse", "arch.loss.loss_type: Input should be 'stablemax_cross"),
         ("arch.num_heads=3", "arch: hidden_size (512) must be divisible by num_heads (3)"),

@@ -12,9 +12,11 @@ from torch import Tensor, nn
 
 from models import per_sample
 from models.arch_config import ARCH_CONFIGS
+from models.encoders.base import DemoEncoder
+from models.family import family_of
 from models.layers import CastedEmbedding, CastedLinear
 from models.recursive_reasoning.common import ModelDims
-from models.registry import build_loss_head
+from tests.conftest import model_batch
 from training.config import load_pretrain_config
 from utils.config import compose
 
@@ -25,8 +27,9 @@ def tiny_head(arch: str, **overrides: object) -> nn.Module:
     over = ["+experiment=tiny_cpu", f"arch={arch}", "arch.hidden_size=16",
             "arch.halt_max_steps=3", "arch.halt_exploration_prob=0"]  # fmt: skip
     over += [f"arch.{k}={v}" for k, v in overrides.items()]
+    config = load_pretrain_config(compose(overrides=over)).arch
     torch.manual_seed(0)
-    head = build_loss_head(load_pretrain_config(compose(overrides=over)).arch, DIMS)
+    head = family_of(config).build(config, DIMS)
     with torch.no_grad():  # away from the zero-initialised Q head and puzzle table
         for p in head.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -34,16 +37,18 @@ def tiny_head(arch: str, **overrides: object) -> nn.Module:
     return head
 
 
-def tiny_batch() -> dict[str, Tensor]:
+def tiny_batch(arch: str = "trm") -> dict[str, Tensor]:
+    """The fields ``arch``'s family reads; rows 0 and 2 share a puzzle (and its demos)."""
     g = torch.Generator().manual_seed(3)
     shape = (DIMS.batch_size, DIMS.seq_len)
     labels = torch.randint(0, DIMS.vocab_size, shape, generator=g, dtype=torch.int32)
     labels[0, -4:] = -100  # a sample with ignored tokens
-    return {
+    base = {
         "inputs": torch.randint(0, DIMS.vocab_size, shape, generator=g, dtype=torch.int32),
         "labels": labels,
         "puzzle_identifiers": torch.tensor([1, 2, 1], dtype=torch.int32),  # one id twice
     }
+    return model_batch(arch, base, DIMS.vocab_size)
 
 
 def per_sample_losses(head: nn.Module, carry: object, batch: dict[str, Tensor]) -> Tensor:
@@ -77,7 +82,19 @@ def one_backward_per_sample(losses: Tensor, params: list[Tensor]) -> Tensor:
     )
 
 
-CASES = [(name, {}) for name in ARCH_CONFIGS.names()] + [
+# arch=etrmtrm reports per-sample layers (every weight is a Casted layer's), but its encoder
+# runs the valid demo slots packed into one batch, [Σ demos, S, D], so its layers' leading axis
+# is not the samples': the collector refuses it or, when there are exactly B demos, credits
+# demo j's gradient to sample j.
+PACKED_DEMOS = pytest.mark.xfail(
+    strict=True,
+    raises=(ValueError, AssertionError),
+    reason="the packed demo encoding breaks the per-sample contract that the capability claims",
+)
+CASES = [
+    pytest.param(name, {}, marks=[PACKED_DEMOS] if name == "etrmtrm" else [])
+    for name in ARCH_CONFIGS.names()
+] + [
     ("trm", {"pos_encodings": "learned"}),
     ("trm", {"pos_encodings": "none", "mlp_t": True}),
     ("trmjd", {"dropout": 0.1}),
@@ -86,15 +103,27 @@ CASES = [(name, {}) for name in ARCH_CONFIGS.names()] + [
 
 @pytest.mark.parametrize(("arch", "overrides"), CASES, ids=lambda v: str(v))
 def test_one_backward_gives_every_samples_own_gradient(arch: str, overrides: dict) -> None:
+    """Per-sample gradients of every weight where the family reports per-sample layers;
+    elsewhere of every weight outside the demonstration encoder, whose weights (learned query
+    tokens among them) keep their summed gradient."""
     head = tiny_head(arch, **overrides)
-    assert list(per_sample.uncollected_parameters(head)) == []
-    batch = tiny_batch()
+    config = head.model.config
+    encoder = {id(p) for m in head.modules() if isinstance(m, DemoEncoder) for p in m.parameters()}
+    named = dict(head.named_parameters())
+    uncollected = list(per_sample.uncollected_parameters(head))
+    assert all(id(named[n]) in encoder for n in uncollected), uncollected
+    if family_of(config).capabilities(config, head).per_sample_layers:
+        assert uncollected == []
+        encoder = set()
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    params = [p for p in trainable if id(p) not in encoder]
+    others = [p for p in trainable if id(p) in encoder]
+    batch = tiny_batch(arch)
     carry = second_step_carry(head, batch)
-    params = [p for p in head.parameters() if p.requires_grad]
 
     losses = per_sample_losses(head, carry, batch)
     expected = one_backward_per_sample(losses, params)
-    summed = flat(torch.autograd.grad(losses.sum(), params, allow_unused=True), params)
+    summed = torch.autograd.grad(losses.sum(), params + others, allow_unused=True)
 
     sink = per_sample.PerSampleGradients(params, DIMS.batch_size)
     with sink:
@@ -103,9 +132,12 @@ def test_one_backward_gives_every_samples_own_gradient(arch: str, overrides: dic
     collected_losses.sum().backward()
     J = sink.flat()
     torch.testing.assert_close(J, expected, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(J.sum(0), summed, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(J.sum(0), flat(summed[: len(params)], params), rtol=1e-5, atol=1e-6)
     assert all(p.grad is None for p in params)  # nothing went to the summed gradient
     assert not torch.allclose(J[0], J[1])  # the samples really are apart
+    for p, g in zip(others, summed[len(params) :], strict=True):
+        assert g is not None and p.grad is not None
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
 
 
 def test_bfloat16_rows_match_per_sample_backward_passes() -> None:

@@ -20,6 +20,7 @@ from evaluate import run as run_evaluate
 from evaluators.base import build_evaluators
 from models import losses
 from models.arch_config import ARCH_CONFIGS
+from tests.conftest import reads_demos
 from training.config import PretrainConfig, load_pretrain_config
 from training.loop import NonFiniteLossError, RunOutcome, run_training
 from training.objectives import MODES
@@ -77,16 +78,30 @@ def metric_lines(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("arch", ARCH_CONFIGS.names())
-def test_every_architecture_trains_and_evaluates(arch: str, arc_data: Path, tmp_path: Path) -> None:
-    config = make_config(arc_data, tmp_path, f"arch={arch}", "max_steps=3")
+def test_every_architecture_trains_and_evaluates(
+    arch: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    overrides = [f"arch={arch}"]
+    if reads_demos(arch):
+        # Strict-split data (unseen evaluation tasks), every demo pair a query (its 3 training
+        # tasks have few test pairs); one encoder layer, 2 demos, batches of 4 and 1 evaluation
+        # task keep the encoder's 1800-token demo pairs cheap on a CPU.
+        overrides += ["max_demos=2", "target_policy=leave_one_out", "arch.encoder_num_layers=1",
+                      "global_batch_size=4", "max_eval_groups=1"]  # fmt: skip
+        if "num_act_steps" in ARCH_CONFIGS.get(arch).model_fields:
+            overrides.append("arch.num_act_steps=2")
+    data = request.getfixturevalue("strict_arc_data" if reads_demos(arch) else "arc_data")
+    # Three batches; ETRM-FCT takes N optimizer steps on each and logs its last.
+    n = make_config(data, tmp_path, *overrides).arch.optimizer_steps_per_batch or 1
+    config = make_config(data, tmp_path, *overrides, f"max_steps={3 * n}")
     outcome = train(config)
-    assert outcome.steps == 3
-    assert outcome.last_checkpoint == tmp_path / "step_3"
+    assert outcome.steps == 3 * n
+    assert outcome.last_checkpoint == tmp_path / f"step_{3 * n}"
     assert "ARC/pass@2" in outcome.eval_metrics and "all/exact_accuracy" in outcome.eval_metrics
     train_lines = [m for m in metric_lines(tmp_path) if "train/lm_loss" in m]
-    assert [m["step"] for m in train_lines] == [1, 2, 3]
+    assert [m["step"] for m in train_lines] == [n, 2 * n, 3 * n]
     assert all(torch.isfinite(torch.tensor(m["train/lm_loss"])) for m in train_lines)
-    assert (tmp_path / "eval_step_3" / "submission.json").is_file()
+    assert (tmp_path / f"eval_step_{3 * n}" / "submission.json").is_file()
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

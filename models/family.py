@@ -34,6 +34,9 @@ class Capabilities:
     # The loss has a KL term (``LossOutput.kl_loss``, a variational encoder) that only the
     # summed objective includes: Jacobian-descent objectives do not split it.
     kl_loss: bool = False
+    # Jacobian-descent objectives can be formed for it (per-sample or per-objective gradients
+    # of every trainable weight).
+    jacobian_descent: bool = True
 
 
 @dataclass

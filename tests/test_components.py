@@ -55,11 +55,13 @@ def test_every_architecture_has_a_family_that_builds_it(name: str) -> None:
     assert caps.sparse_embedding == has_table == (config.puzzle_emb_ndim > 0)
     assert caps.kl_loss == config.has_kl_loss
     # Every weight outside a demonstration encoder is a Casted layer's; only an encoder may
-    # hold others (learned query tokens, norm scales), which leave the model without
-    # per-sample layers.
+    # hold others (learned query tokens, norm scales). An encoder model never claims
+    # per-sample layers (its packed demo batch is not the sample axis) nor Jacobian descent.
     uncollected = list(uncollected_parameters(head))
     assert all(n.startswith("model.encoder.") for n in uncollected), uncollected
-    assert caps.per_sample_layers == (uncollected == [])
+    has_encoder = any(n.startswith("model.encoder.") for n in head.state_dict())
+    assert caps.per_sample_layers == (uncollected == [] and not has_encoder)
+    assert caps.jacobian_descent == (not has_encoder)
 
 
 @pytest.mark.parametrize("name", ARCH_CONFIGS.names())

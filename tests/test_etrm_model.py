@@ -727,3 +727,20 @@ def test_etrm_weights_give_etrms_evaluation_outputs(etrm_golden: dict) -> None:
             torch.testing.assert_close(out.outputs["q_halt_logits"], q_halt[s], rtol=1e-4,
                                        atol=1e-5)  # fmt: skip
     assert bool(carry.halted.all())
+
+
+@pytest.mark.parametrize("encoder_type", ["standard", "hybrid_variational"])
+def test_jacobian_descent_is_refused_in_one_line(encoder_type: str) -> None:
+    from training.strategies import build_strategy
+
+    overrides = ["+experiment=tiny_cpu", "arch=etrm", f"arch.encoder_type={encoder_type}",
+                 "objective=lm_loss_vs_q_halt_loss"]  # fmt: skip
+    config = load_pretrain_config(compose(overrides=overrides))
+    family = family_of(config.arch)
+    head = family.build(config.arch, DIMS)
+    capabilities = family.capabilities(config.arch, head)
+    assert not capabilities.jacobian_descent and not capabilities.per_sample_layers
+    with pytest.raises(ConfigError) as info:
+        build_strategy(config, head, family, capabilities)
+    message = str(info.value)
+    assert "\n" not in message and "use objective=sum" in message

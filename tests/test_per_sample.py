@@ -82,19 +82,7 @@ def one_backward_per_sample(losses: Tensor, params: list[Tensor]) -> Tensor:
     )
 
 
-# arch=etrmtrm reports per-sample layers (every weight is a Casted layer's), but its encoder
-# runs the valid demo slots packed into one batch, [Σ demos, S, D], so its layers' leading axis
-# is not the samples': the collector refuses it or, when there are exactly B demos, credits
-# demo j's gradient to sample j.
-PACKED_DEMOS = pytest.mark.xfail(
-    strict=True,
-    raises=(ValueError, AssertionError),
-    reason="the packed demo encoding breaks the per-sample contract that the capability claims",
-)
-CASES = [
-    pytest.param(name, {}, marks=[PACKED_DEMOS] if name == "etrmtrm" else [])
-    for name in ARCH_CONFIGS.names()
-] + [
+CASES = [(name, {}) for name in ARCH_CONFIGS.names()] + [
     ("trm", {"pos_encodings": "learned"}),
     ("trm", {"pos_encodings": "none", "mlp_t": True}),
     ("trmjd", {"dropout": 0.1}),

@@ -59,7 +59,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "data_paths", "data_paths_test", "evaluators", "eval_save_outputs", "min_eval_interval",
     # names, logging and checkpointing
     "project_name", "run_name", "checkpoint_path", "load_checkpoint", "resume", "keep_last",
-    "checkpoint_every_eval", "checkpoint_every_steps", "logger",
+    "checkpoint_every_eval", "checkpoint_every_steps", "logger", "log_predictions_every",
     # where and how it runs
     "device", "compile", "deterministic", "detect_anomaly", "data_workers", "nonfinite",
     "nonfinite_max_skips", "dist_timeout_s", "dist_timeout_slow_s", "allow_data_mismatch",

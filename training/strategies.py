@@ -182,6 +182,12 @@ class JacobianDescent(StepStrategy):
         capabilities: Capabilities,
     ) -> None:
         super().__init__(config, head, family, capabilities)
+        if not capabilities.jacobian_descent or capabilities.kl_loss:
+            raise ConfigError(
+                f"objective.name: '{config.objective.name}' (Jacobian descent) is not supported "
+                f"for arch={config.arch.name}: its demonstration encoder encodes demos packed, "
+                "so per-sample and per-objective gradients are not formed; use objective=sum"
+            )
         self.descent = jd.JacobianDescent(
             config.objective, config.aggregator, model=head, seed=config.seed
         )

@@ -16,7 +16,6 @@ from torch import nn
 from models.arch_config import ArchConfig
 from models.encoders.base import DemoEncoder
 from models.family import FAMILIES, Capabilities, ModelFamily, OptimizerGroup
-from models.per_sample import uncollected_parameters
 from models.recursive_reasoning.common import ModelDims
 from models.registry import build_loss_head
 from utils.schema import ConfigError
@@ -90,9 +89,13 @@ class EncoderFamily(ModelFamily):
             halting=arch.has_halting,
             cycle_losses=arch.has_cycle_losses,
             sparse_embedding=False,
-            per_sample_layers=next(uncollected_parameters(head), None) is None,
+            # The encoder runs the valid demo slots packed, [Σ demos, S, D]: its layers' leading
+            # axis is not the samples', so per-sample gradients of its weights do not exist, and
+            # Jacobian descent is refused (the summed objective trains it).
+            per_sample_layers=False,
             traceable=True,
             kl_loss=arch.has_kl_loss,
+            jacobian_descent=False,
         )
 
     def norm_groups(self, head: nn.Module) -> dict[str, list[nn.Parameter]]:

@@ -251,7 +251,7 @@ def test_the_laptop_preset_composes_with_every_entry_configuration(
 ) -> None:
     c = load_pretrain_config(compose(name, ["+experiment=etrm_tiny_cpu", *overrides]))
     assert (c.arch.name, c.arch.hidden_size, c.arch.forward_dtype) == (arch, 64, "float32")
-    assert (c.data_paths, c.global_batch_size) == (["data/arc1-encoder-tiny"], 16)
+    assert (c.data_paths, c.global_batch_size) == (["data/arc1-encoder-tiny"], 8)
 
 
 @pytest.mark.distributed

@@ -22,8 +22,9 @@ configuration first takes ``--warmup`` untimed batches; then ``--rounds`` rounds
 of the seconds per batch (per optimizer step for FCT: the batch over N) is reported.
 
 Memory: the bytes of the activations autograd saves for the backward of one optimizer step
-(``SavedTensorMeter``: unique storages, parameters excluded; measured in one extra untimed
-step, on any device), and on CUDA the step's peak allocation above what was allocated before it
+(``SavedTensorMeter``: unique storages, parameters excluded; one extra untimed step, on any
+device; an ETRM row keeps its item, demos included, until it halts, so its step encodes the
+carry's items), and on CUDA the step's peak allocation above what was allocated before it
 (``torch.cuda.max_memory_allocated``; the three states stay resident, so only the increase is
 the step's). Ratios are ETRM (or FCT) over TRM. The last line printed is one JSON object.
 

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from dataset.common import DatasetBuildError, flag_aliases, run_cli
+from dataset.common import DatasetBuildError, atomic_output_dir, flag_aliases, run_cli
 from utils.atomic import swap_folder_into_place
 
 NUM_COLOURS = 10
@@ -61,6 +61,9 @@ RULE_COLOURS = tuple(range(1, NUM_COLOURS))  # A and B; 0 is the background
 SUBSETS = ("training", "evaluation")
 NAME_PREFIX = {"training": "train", "evaluation": "eval"}
 FAMILY_FILE = "family.json"
+ARC_CANVAS = 30  # the ARC builder's canvas side (seq_len 900)
+PAD_TOKEN, EOS_TOKEN, COLOUR_TOKEN = 0, 1, 2  # colour c is token c + 2
+TOKEN_KINDS = ("inputs", "labels")
 
 Rule = tuple[int, int]
 Grid = list[list[int]]
@@ -273,6 +276,80 @@ def write_family(generated: GeneratedFamily, output_dir: str | os.PathLike[str],
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _origin_crop(
+    inputs: np.ndarray, labels: np.ndarray, side: int, where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [N, 900] canvases → uint8 [N, side·side]: each example's grids moved from their
+    offset (shared by input and label: the input grid's top-left cell) to the origin, with the
+    EOS row below and the EOS column right of each grid drawn afresh (the builder leaves them
+    out where a translated grid touches the 30 × 30 edge)."""
+    n = len(inputs)
+    canvas = np.concatenate([inputs, labels]).reshape(2 * n, ARC_CANVAS, ARC_CANVAS)
+    colour = canvas >= COLOUR_TOKEN
+    if not colour[:n].any(axis=(1, 2)).all():
+        raise DatasetBuildError(f"{where}: an example without any grid cell")
+    r0 = np.tile(np.argmax(colour[:n].any(axis=2), axis=1), 2)
+    c0 = np.tile(np.argmax(colour[:n].any(axis=1), axis=1), 2)
+    padded = np.pad(canvas, ((0, 0), (0, side), (0, side)))  # PAD beyond the 30 × 30 edge
+    r = np.arange(side)[None, :, None]
+    c = np.arange(side)[None, None, :]
+    window = padded[np.arange(2 * n)[:, None, None], r0[:, None, None] + r, c0[:, None, None] + c]
+    cells = window >= COLOUR_TOKEN
+    h = cells.any(axis=2).sum(axis=1)[:, None, None]
+    w = cells.any(axis=1).sum(axis=1)[:, None, None]
+    lost = cells.sum(axis=(1, 2)) != colour.sum(axis=(1, 2))
+    lost |= (h[:, 0, 0] >= side) | (w[:, 0, 0] >= side)
+    if lost.any():
+        raise DatasetBuildError(
+            f"{where}: example {int(np.argmax(lost)) % n} does not fit a {side}x{side} canvas "
+            "with its EOS frame; choose a larger canvas side"
+        )
+    eos = ((r == h) & (c < w)) | ((c == w) & (r < h))
+    compact = np.where(cells, window, np.where(eos, EOS_TOKEN, PAD_TOKEN)).astype(np.uint8)
+    flat = compact.reshape(2 * n, side * side)
+    return flat[:n], flat[n:]
+
+
+def compact_canvas(src: str | os.PathLike[str], dst: str | os.PathLike[str], side: int, *,
+                   overwrite: bool = False) -> Path:  # fmt: skip
+    """Copy an ARC build (``dataset.build_arc_dataset``) to ``dst`` on a side × side canvas.
+
+    Every example's input and label move from their offset on the 30 × 30 canvas to the origin
+    of a ``side`` × ``side`` one, each framed by its EOS row and column; everything else
+    (identifiers, groups, ``num_demos``, ``test_puzzles.json``, the split policy) is kept, and
+    ``seq_len`` becomes ``side**2``. The family's grids fill a few dozen of the 900 tokens and
+    attention grows with the square of the sequence, so this makes a CPU run two orders of
+    magnitude cheaper. The builder's translation augmentation is undone, which a colour
+    substitution does not need. ``side`` must exceed the largest grid side (room for the EOS
+    frame). Refuses ``dst`` as the builders do (``dataset.common.atomic_output_dir``).
+    """
+    if not 1 <= side <= ARC_CANVAS:
+        raise DatasetBuildError(f"canvas side must be in 1..{ARC_CANVAS}, got {side}")
+    source = Path(src)
+    with atomic_output_dir(dst, overwrite=overwrite) as out:
+        for split in ("train", "test"):
+            if not (source / split / "dataset.json").is_file():
+                continue
+            (out / split).mkdir()
+            for f in sorted((source / split).glob("*.npy")):
+                if not f.name.endswith(tuple(f"__{kind}.npy" for kind in TOKEN_KINDS)):
+                    shutil.copy2(f, out / split / f.name)
+            metadata = json.loads((source / split / "dataset.json").read_text())
+            for set_name in metadata["sets"]:
+                inputs, labels = (
+                    np.load(source / split / f"{set_name}__{kind}.npy") for kind in TOKEN_KINDS
+                )
+                cropped = _origin_crop(inputs, labels, side, str(source / split))
+                for kind, part in zip(TOKEN_KINDS, cropped, strict=True):
+                    np.save(out / split / f"{set_name}__{kind}.npy", part)
+            metadata["seq_len"] = side * side
+            (out / split / "dataset.json").write_text(json.dumps(metadata))
+        for name in ("identifiers.json", "test_puzzles.json"):
+            if (source / name).is_file():
+                shutil.copy2(source / name, out / name)
+    return Path(dst)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -17,7 +17,7 @@ import pytest
 
 from dataset import build_arc_dataset as arc
 from dataset import synthetic_tasks as st
-from dataset.common import DatasetBuildError, run_cli
+from dataset.common import DatasetBuildError, inverse_aug, run_cli
 
 
 def read_rule(pair: dict) -> tuple[int, int]:
@@ -174,3 +174,62 @@ def test_bad_settings_are_one_line_errors(kwargs: dict) -> None:
     with pytest.raises(DatasetBuildError) as err:
         st.SubstitutionFamily(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def decode_compact(seq: np.ndarray, side: int) -> np.ndarray:
+    """The grid at the origin of a side × side canvas, checking its exact EOS frame."""
+    canvas = seq.reshape(side, side).astype(int)
+    h = int(np.argmax(np.append(canvas[:, 0] < 2, True)))
+    w = int(np.argmax(np.append(canvas[0, :] < 2, True)))
+    expected = np.zeros((side, side), dtype=int)
+    expected[:h, :w] = canvas[:h, :w]
+    expected[h, :w] = 1
+    expected[:h, w] = 1
+    np.testing.assert_array_equal(canvas, expected)
+    return canvas[:h, :w] - 2
+
+
+def test_compact_canvas_keeps_every_pair_at_the_origin(tmp_path: Path) -> None:
+    generated = st.generate(st.SubstitutionFamily(), train_tasks=6, eval_tasks=3, seed=2)
+    src = st.write_family(generated, tmp_path / "src")
+    built = tmp_path / "built"
+    argv = ["--input-dir", str(src), "--subsets", "training", "evaluation", "--test-set-name",
+            "evaluation", "--split-policy", "strict", "--num-aug", "2",
+            "--output-dir", str(built)]  # fmt: skip
+    assert run_cli(arc.main, argv) == 0
+    out = st.compact_canvas(built, tmp_path / "compact", side=6)
+    names = json.loads((out / "identifiers.json").read_text())
+    assert names == json.loads((built / "identifiers.json").read_text())
+    for split, subset in (("train", "training"), ("test", "evaluation")):
+        meta = json.loads((out / split / "dataset.json").read_text())
+        assert meta["seq_len"] == 36 and meta["split_policy"] == "strict"
+        for field in ("puzzle_identifiers", "puzzle_indices", "group_indices", "num_demos"):
+            np.testing.assert_array_equal(np.load(out / split / f"all__{field}.npy"),
+                                          np.load(built / split / f"all__{field}.npy"))  # fmt: skip
+        inputs, labels = (np.load(out / split / f"all__{k}.npy") for k in ("inputs", "labels"))
+        assert inputs.shape[1] == labels.shape[1] == 36 and inputs.dtype == np.uint8
+        indices = np.load(out / split / "all__puzzle_indices.npy")
+        for p, ident in enumerate(np.load(out / split / "all__puzzle_identifiers.npy")):
+            base, undo = inverse_aug(names[ident])
+            task = generated.tasks[subset][base]
+            pairs = task["train"] + task["test"]
+            assert indices[p + 1] - indices[p] == len(pairs)
+            for pair, row in zip(pairs, range(indices[p], indices[p + 1]), strict=True):
+                grid_in = undo(decode_compact(inputs[row], 6).astype(np.uint8))
+                grid_out = undo(decode_compact(labels[row], 6).astype(np.uint8))
+                assert grid_in.tolist() == pair["input"] and grid_out.tolist() == pair["output"]
+    assert json.loads((out / "test_puzzles.json").read_text()) == generated.tasks["evaluation"]
+    with pytest.raises(DatasetBuildError, match="does not fit a 5x5 canvas"):
+        st.compact_canvas(built, tmp_path / "small", side=5)
+    assert not (tmp_path / "small").exists()
+
+
+def test_a_grid_at_the_canvas_edge_gets_its_eos_frame() -> None:
+    """The builder writes no EOS beyond the 30 × 30 edge; at the origin the frame is whole."""
+    canvas_in = np.zeros((30, 30), dtype=np.uint8)
+    canvas_out = np.zeros((30, 30), dtype=np.uint8)
+    canvas_in[28:, 27:] = [[2, 3, 4], [5, 6, 7]]  # a 2 × 3 grid in the bottom-right corner
+    canvas_out[28:, 27:] = [[9, 9, 4], [5, 6, 7]]
+    inputs, labels = st._origin_crop(canvas_in.reshape(1, 900), canvas_out.reshape(1, 900), 4, "x")
+    assert inputs.reshape(4, 4).tolist() == [[2, 3, 4, 1], [5, 6, 7, 1], [1, 1, 1, 0], [0] * 4]
+    assert labels.reshape(4, 4).tolist() == [[9, 9, 4, 1], [5, 6, 7, 1], [1, 1, 1, 0], [0] * 4]

@@ -7,13 +7,12 @@
 At evaluation every item runs all ``halt_max_steps`` (16) ACT steps. ETRM re-encoded the
 item's demonstrations at each of them; ours, for an encoder that is deterministic in
 evaluation mode, encodes each item when it starts and reuses the context from the carry
-(``TRMWithEncoder.caches_context``, ``models.etrm.model``). The model has no switch for the
-re-encoding at evaluation (``arch.conditioning_refresh`` governs training only), so the
-baseline shadows ``caches_context`` on the model instance with one that answers False
-(``re_encoding``), which makes every step take the model's own uncached path: ETRM's
-evaluation, through the same code.
+(``arch.eval_context=cached``, ``TRMWithEncoder.caches_context``, ``models.etrm.model``). The
+baseline is the same weights built with ``arch.eval_context=reencode``: every step takes the
+model's uncached path, ETRM's evaluation through the same code.
 
-One ``arch=etrm`` model (seed 0, evaluation mode) is rolled out as evaluation does
+One ``arch=etrm`` model (seed 0, evaluation mode) per mode, the second a copy of the first's
+weights, is rolled out as evaluation does
 (``training.rollout.rollout`` under ``torch.inference_mode``, the ARC evaluator's outputs
 requested) on batches whose demo counts are drawn like ETRM's ARC-AGI-1 evaluation split (2..7
 demos of 10 slots, mean 3.42; ``benchmarks.etrm_step.ARC_TEST_DEMO_COUNTS``). After
@@ -33,8 +32,6 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -68,26 +65,6 @@ from utils.distributed import select_device
 
 MODES = ("cached", "reencode")
 RETURN_KEYS = ("q_halt_logits",)  # what the ARC evaluator asks for, besides preds
-
-
-@contextmanager
-def re_encoding(model: TRMWithEncoder) -> Iterator[None]:
-    """Inside, ``model`` re-encodes every row at every step, as ETRM's evaluation did."""
-    model.caches_context = lambda: False  # shadows the method on this instance only
-    try:
-        yield
-    finally:
-        del model.caches_context
-
-
-@contextmanager
-def mode(model: TRMWithEncoder, name: str) -> Iterator[None]:
-    """``cached``: the model as it is; ``reencode``: inside ``re_encoding``."""
-    if name == "reencode":
-        with re_encoding(model):
-            yield
-    else:
-        yield
 
 
 def run_rollout(head: nn.Module, batch: dict[str, torch.Tensor], keys: tuple[str, ...]) -> list:
@@ -136,58 +113,60 @@ def main(argv: list[str] | None = None) -> None:
     overrides = ["arch=etrm", *preset_overrides(args.preset, device, args.dtype),
                  f"arch.encoder_type={args.encoder}", f"arch.halt_max_steps={args.act_steps}",
                  *args.overrides]  # fmt: skip
-    arch = load_pretrain_config(compose(overrides=overrides)).arch
     dims = ModelDims(args.batch_size, args.seq_len, VOCAB, num_puzzle_identifiers=PUZZLES)
-    torch.manual_seed(0)
-    with torch.device(device):
-        head = family_of(arch).build(arch, dims)
-    head.eval()
-    model = head.model
+    heads: dict[str, nn.Module] = {}
+    for name in MODES:
+        config = compose(overrides=[*overrides, f"arch.eval_context={name}"])
+        arch = load_pretrain_config(config).arch
+        torch.manual_seed(0)
+        with torch.device(device):
+            heads[name] = family_of(arch).build(arch, dims)
+        heads[name].load_state_dict(heads[MODES[0]].state_dict())
+        heads[name].eval()
+    model = heads["cached"].model
     if not isinstance(model, TRMWithEncoder) or not model.caches_context():
         raise SystemExit(
             f"encoder '{args.encoder}' is not deterministic at evaluation, so its context is "
             "never cached; choose a deterministic one (standard, lpn_standard, ...)"
         )
     calls = {"n": 0}
-    encoder_of(head).register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    for head in heads.values():
+        encoder_of(head).register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
     K, table = args.max_demos, ARC_TEST_DEMO_COUNTS
     batches = demo_batches(POOL, args.batch_size, K, table, device, args.seq_len)
     batches = [{k: b[k] for k in family_of(arch).batch_fields} for b in batches]
 
     encoder_calls: dict[str, int] = {}
     for name in MODES:
-        with mode(model, name):
-            for i in range(args.warmup):
-                calls["n"] = 0
-                run_rollout(head, batches[i % len(batches)], RETURN_KEYS)
-                encoder_calls[name] = calls["n"]
+        for i in range(args.warmup):
+            calls["n"] = 0
+            run_rollout(heads[name], batches[i % len(batches)], RETURN_KEYS)
+            encoder_calls[name] = calls["n"]
 
     seconds: dict[str, list[float]] = {name: [] for name in MODES}
     peak: dict[str, float] = {}
     for r in range(args.rounds):
         for name in alternating(list(MODES), r):
-            with mode(model, name):
-                sync(device)
-                if device.type == "cuda":
-                    before = torch.cuda.memory_allocated(device)
-                    torch.cuda.reset_peak_memory_stats(device)
-                start = time.perf_counter()
-                for i in range(args.steps):  # both modes see the same batches in a round
-                    calls["n"] = 0
-                    run_rollout(head, batches[(r * args.steps + i) % len(batches)], RETURN_KEYS)
-                    encoder_calls[name] = calls["n"]
-                sync(device)
-                seconds[name].append((time.perf_counter() - start) / args.steps)
-                if device.type == "cuda":
-                    rollout_peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
-                    peak[name] = max(peak.get(name, 0.0), rollout_peak)
+            sync(device)
+            if device.type == "cuda":
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            for i in range(args.steps):  # both modes see the same batches in a round
+                calls["n"] = 0
+                batch = batches[(r * args.steps + i) % len(batches)]
+                run_rollout(heads[name], batch, RETURN_KEYS)
+                encoder_calls[name] = calls["n"]
+            sync(device)
+            seconds[name].append((time.perf_counter() - start) / args.steps)
+            if device.type == "cuda":
+                rollout_peak = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+                peak[name] = max(peak.get(name, 0.0), rollout_peak)
         print(f"round {r + 1}/{args.rounds}: " + "  ".join(
             f"{m} {seconds[m][-1] * 1e3:8.1f} ms/rollout" for m in MODES), flush=True)  # fmt: skip
 
-    outputs = {}
-    for name in MODES:
-        with mode(model, name):
-            outputs[name] = run_rollout(head, batches[typical(batches)], ("logits", *RETURN_KEYS))
+    keys = ("logits", *RETURN_KEYS)
+    outputs = {name: run_rollout(heads[name], batches[typical(batches)], keys) for name in MODES}
     median = {name: statistics.median(seconds[name]) for name in MODES}
     result: dict[str, Any] = {
         "preset": args.preset,

@@ -397,9 +397,7 @@ def eval_run(head: nn.Module, batches: list[Batch], resets: dict[int, list[bool]
     return outs
 
 
-def test_eval_encodes_each_item_once_and_matches_reencoding(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_eval_encodes_each_item_once_and_matches_reencoding() -> None:
     head = build(etrm_config(halt_max_steps=4))
     head.eval()
     b1, b2 = demo_batch(0), demo_batch(1)
@@ -408,9 +406,13 @@ def test_eval_encodes_each_item_once_and_matches_reencoding(
     counter = CountCalls(head.model.encoder)
     cached = eval_run(head, batches, resets)
     assert counter.calls == 2  # all rows at step 1, rows 0 and 3 at step 3
-    monkeypatch.setattr(head.model, "caches_context", lambda: False)
-    reencoded = eval_run(head, batches, resets)
-    assert counter.calls == 2 + 4
+    # ETRM's evaluation (arch.eval_context=reencode), the same weights.
+    etrm_like = build(etrm_config(halt_max_steps=4, eval_context="reencode"), seed=1)
+    etrm_like.load_state_dict(head.state_dict())
+    etrm_like.eval()
+    counter = CountCalls(etrm_like.model.encoder)
+    reencoded = eval_run(etrm_like, batches, resets)
+    assert counter.calls == 4
     # Steps 1 and 2 reuse a whole-batch encoding: identical to re-encoding, bit for bit.
     for c, r in zip(cached[:2], reencoded[:2], strict=True):
         assert all(torch.equal(c[k], r[k]) for k in ("logits", "q_halt_logits", "preds"))

@@ -6,7 +6,8 @@ embedding with a demonstration encoder whose ``puzzle_emb_len`` output tokens be
 ``puzzle_emb_ndim`` stays 0 as in ETRM's YAML. Key names and defaults are ETRM's
 (``config/arch/etrm.yaml``; the FCT variant's ``num_act_steps`` from ``config/arch/
 trm_encoder.yaml`` at 67e3e0b), plus three of ours that make ETRM's implicit choices explicit:
-``context_scale``, ``conditioning_refresh`` and the encoder family's optimizer handling.
+``context_scale``, ``conditioning_refresh``, ``eval_context`` and the encoder family's optimizer
+handling.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from models.recursive_reasoning.configs import TRMConfig
 
 ContextScale = Literal["embed_scale", "none", "learned"]
 ConditioningRefresh = Literal["every_step", "on_reset_detached"]
+EvalContext = Literal["cached", "reencode"]
 
 
 class ETRMLossConfig(LossConfig):
@@ -105,6 +107,13 @@ class ETRMConfig(TRMConfig):
         description="every_step re-encodes every row at every step with gradient (ETRM); "
         "on_reset_detached encodes only rows that start an item and carries the context "
         "detached (ETRM's deprecated cached mode: starves the encoder of gradient)",
+    )
+
+    eval_context: EvalContext = Field(
+        "cached",
+        description="evaluation: cached encodes an item's demos once, when it starts, and reuses "
+        "the context for its later steps (encoders deterministic at evaluation; the same "
+        "outputs); reencode runs the encoder at every step, as ETRM did",
     )
 
     @field_validator("encoder_type")

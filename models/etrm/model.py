@@ -16,9 +16,9 @@ context comes from:
 * training, ``on_reset_detached`` (ETRM's deprecated cached mode, an ablation): only rows that
   start an item are encoded; the others reuse their context, detached, from the carry, so the
   encoder learns only from the few rows that reset;
-* evaluation with an encoder that is deterministic there: each item is encoded once, when it
-  starts, and its context reused for its later steps (ETRM re-encoded at all 16), with the
-  same outputs.
+* evaluation with an encoder that is deterministic there (``eval_context=cached``, the
+  default): each item is encoded once, when it starts, and its context reused for its later
+  steps, with the same outputs; ``eval_context=reencode`` encodes at all 16, as ETRM did.
 
 A cached context lives in the carry's ``current_data["context"]`` (it belongs to the row's
 item like its demos), so it persists across batches and checkpoints.
@@ -128,7 +128,7 @@ class TRMWithEncoder(ACTModel):
         """Whether a row is encoded only when it starts an item, its context reused after."""
         if self.training:
             return self.config.conditioning_refresh == "on_reset_detached"
-        return self.encoder.deterministic_at_eval
+        return self.config.eval_context == "cached" and self.encoder.deterministic_at_eval
 
     def encode(self, data: Batch) -> EncoderOutput:
         """The encoder's output for the demos of ``data`` (rows [b])."""

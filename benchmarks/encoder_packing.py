@@ -35,20 +35,19 @@ import torch
 
 from benchmarks.etrm_step import (
     ARC_TRAIN_DEMO_COUNTS,
-    DEFAULT_BATCH,
     POOL,
-    PRESETS,
-    SEQ_LEN,
     VOCAB,
     SavedTensorMeter,
     alternating,
     demo_batches,
     forward_dtype,
     mean_demos,
+    parse_timing_args,
     preset_overrides,
     ratio,
     rounded,
     sync,
+    timing_parser,
     typical,
 )
 from models.encoders.base import DemoEncoder, build_encoder
@@ -160,20 +159,10 @@ def bench_encoder(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 4 (tiny), 96 (arc)")
-    p.add_argument("--max-demos", type=int, default=10, help="K demo slots")
+    p = timing_parser(__doc__.split("\n\n")[0], "pass")
     p.add_argument("--encoders", default="standard,lpn_standard", help="comma-separated")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="grid tokens (a square)")
-    p.add_argument("--steps", type=int, default=1, help="timed passes per mode and round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes per mode")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. arch.encoder_num_layers=4")
-    args = p.parse_args(argv)
-    args.batch_size = args.batch_size or DEFAULT_BATCH[args.preset]
+    args = parse_timing_args(p, argv)
 
     device = select_device(args.device)
     K = args.max_demos

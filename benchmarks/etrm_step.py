@@ -260,22 +260,36 @@ def batch_unit(
     return run
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def timing_parser(description: str, unit: str) -> argparse.ArgumentParser:
+    """The options the ETRM benchmarks share: preset, batch, demo slots, dtype, device, grid
+    tokens and the timing schedule (``--steps`` timed ``unit``s per mode and round, ``--rounds``,
+    ``--warmup``). ``parse_timing_args`` fills in the preset's batch size."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--batch-size", type=int, default=None, help="default: 4 (tiny), 96 (arc)")
     p.add_argument("--max-demos", type=int, default=10, help="K demo slots")
-    p.add_argument("--encoder", default="standard", help="arch.encoder_type of ETRM")
-    p.add_argument("--fct-steps", type=int, default=4, help="N: arch.num_act_steps of FCT")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="grid tokens (30 × 30)")
-    p.add_argument("--steps", type=int, default=1, help="timed batches per config and round")
+    p.add_argument("--steps", type=int, default=1, help=f"timed {unit}s per mode and round")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed batches per config")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides for all, e.g. arch.L_cycles=6")
+    p.add_argument("--warmup", type=int, default=1, help=f"untimed {unit}s per mode")
+    return p
+
+
+def parse_timing_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``p``'s arguments with ``batch_size`` defaulted by the preset."""
     args = p.parse_args(argv)
     args.batch_size = args.batch_size or DEFAULT_BATCH[args.preset]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = timing_parser(__doc__.split("\n\n")[0], "batch")
+    p.add_argument("--encoder", default="standard", help="arch.encoder_type of ETRM")
+    p.add_argument("--fct-steps", type=int, default=4, help="N: arch.num_act_steps of FCT")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides for all, e.g. arch.L_cycles=6")
+    args = parse_timing_args(p, argv)
 
     device = select_device(args.device)
     dist_info = DistInfo(device=device)

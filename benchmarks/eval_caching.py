@@ -28,7 +28,6 @@ printed is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -39,19 +38,18 @@ from torch import nn
 
 from benchmarks.etrm_step import (
     ARC_TEST_DEMO_COUNTS,
-    DEFAULT_BATCH,
     POOL,
-    PRESETS,
     PUZZLES,
-    SEQ_LEN,
     VOCAB,
     alternating,
     demo_batches,
     mean_demos,
+    parse_timing_args,
     preset_overrides,
     ratio,
     rounded,
     sync,
+    timing_parser,
     typical,
 )
 from models.etrm.family import encoder_of
@@ -93,21 +91,11 @@ def agreement(steps: dict[str, list[dict[str, torch.Tensor]]]) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 4 (tiny), 96 (arc)")
-    p.add_argument("--max-demos", type=int, default=10, help="K demo slots")
+    p = timing_parser(__doc__.split("\n\n")[0], "rollout")
     p.add_argument("--encoder", default="standard", help="arch.encoder_type (deterministic)")
     p.add_argument("--act-steps", type=int, default=16, help="arch.halt_max_steps")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seq-len", type=int, default=SEQ_LEN, help="grid tokens (30 × 30)")
-    p.add_argument("--steps", type=int, default=1, help="timed rollouts per mode and round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1, help="untimed rollouts per mode")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. arch.L_cycles=6")
-    args = p.parse_args(argv)
-    args.batch_size = args.batch_size or DEFAULT_BATCH[args.preset]
+    args = parse_timing_args(p, argv)
 
     device = select_device(args.device)
     overrides = ["arch=etrm", *preset_overrides(args.preset, device, args.dtype),

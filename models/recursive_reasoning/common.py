@@ -13,7 +13,8 @@ Seams for the roadmap:
 * recording (``models.recursive_reasoning.recording``): ``record_steps(model, rows=...,
   latents=..., decode=...)`` collects every latent update of a forward without gradients, for
   step-by-step tracing: by default only what the LM head predicts from each latent, for the
-  rows asked for.
+  rows asked for; ``probes=True`` adds the decode of ``probe_h_update`` after every inner
+  update, and ``perturbing_injection`` alters the input injection (``input_embeddings``).
 
 Each inner model's ``forward`` returns an ``InnerOutput``; ``ACTModel`` turns it into the
 outputs dict the loss head reads (upstream ``models/recursive_reasoning/trm.py``,
@@ -247,7 +248,28 @@ class RecursiveInner(RecordingSite):
         if self.config.pos_encodings == "learned":
             # 1/√2 keeps the variance of the sum of two unit-variance terms at 1.
             x = 0.707106781 * self.embed_pos.add_table(x)
-        return self.embed_scale * x
+        x = self.embed_scale * x
+        return x if self.injection_hook is None else self.injection_hook(x)
+
+    def probe_h_update(self, latents: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The H update the latest latents {name: [R, P + S, D]} would give now, [R, P + S, D]
+        (the L-step probe; never fed back); None for a model without inner updates.
+
+        The rule every architecture here follows: the answer state (``z_H``, or ``z_L`` for a
+        single-latent model) goes through the H network (``H_level``, else the shared
+        ``L_level``) with the sum of the other latents as injection (none when there is
+        none): TRM ``L_level(z_H, z_L)``, HRM ``H_level(z_H, z_L)``, the multi-scale ablation
+        ``L_level(z_H, Σ z_Li)``, single-z ``L_level(z, None)``. An architecture with another
+        H update overrides this.
+        """
+        names = [n for n in self.carry_inits if n in latents]
+        if not names or not hasattr(self, "L_level"):
+            return None
+        state = "z_H" if "z_H" in names else names[0]
+        others = [latents[n] for n in names if n != state]
+        injection = sum(others[1:], others[0]) if others else None
+        level = self.H_level if hasattr(self, "H_level") else self.L_level
+        return level(latents[state], injection, cos_sin=self.cos_sin())
 
     def lm_logits(self, z_H: torch.Tensor) -> torch.Tensor:
         """z_H [B, P + S, D] → logits [B, S, V] in the forward dtype (prefix dropped)."""

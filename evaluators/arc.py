@@ -200,6 +200,8 @@ class ARC:
     ``identifier_offsets[k]`` is added to path k's identifiers by the loader.
     """
 
+    submission_file = "submission.json"  # under save_path; an instance may name another
+
     def __init__(
         self, config: ARCEvaluatorConfig, data_paths: list[str], identifier_offsets: list[int]
     ) -> None:
@@ -296,7 +298,7 @@ class ARC:
         predictions), ``ARC/tasks_evaluated``, ``ARC/tasks_total``,
         ``ARC/pairs_without_predictions`` (in every task, evaluated or not) and
         ``ARC/aggregated_evals``; None on other ranks. With ``save_path``, rank 0 writes
-        ``save_path/submission.json`` for the evaluated tasks.
+        ``save_path/<submission_file>`` (``submission.json``) for the evaluated tasks.
         """
         gathered = gather_objects((self._grids, self._votes), dst=0, group=group)
         if gathered is None:
@@ -312,38 +314,66 @@ class ARC:
                     for pred_hash, qs in candidates.items():
                         pooled.setdefault(pred_hash, []).extend(qs)
 
-        Ks, K_sub = self.config.pass_Ks, self.config.submission_K
-        scores = np.zeros(len(Ks))
-        submission: dict[str, list[dict[str, list[list[int]]]]] = {}
-        tasks_evaluated = pairs_missing = 0
-        for task, pairs in self._pairs.items():
-            task_votes = votes.get(task, {})
-            solved = np.zeros(len(Ks))
-            attempts = []
-            for input_hash, label_hash in pairs:
-                ranked = _rank(task_votes.get(input_hash, {}))
-                if not ranked:
-                    pairs_missing += 1
-                    attempts.append({f"attempt_{i + 1}": FALLBACK_GRID for i in range(K_sub)})
-                    continue
-                solved += [label_hash in ranked[:k] for k in Ks]
-                top = ranked[:K_sub] + [ranked[0]] * (K_sub - len(ranked[:K_sub]))
-                attempts.append({f"attempt_{i + 1}": grids[h].tolist() for i, h in enumerate(top)})
-            if task_votes:
-                submission[task] = attempts
-                tasks_evaluated += 1
-                scores += solved / len(pairs)
+        ranked = {
+            task: {input_hash: _rank(candidates) for input_hash, candidates in by_input.items()}
+            for task, by_input in votes.items()
+        }
+        return score_and_submit(
+            self._pairs, ranked, grids, self.config, save_path, self.submission_file, "ARC",
+            self._evals,
+        )  # fmt: skip
 
-        if save_path is not None:
-            write_text_atomically(Path(save_path) / "submission.json", json.dumps(submission))
-        # Over the tasks with predictions: upstream's all-task mean when every task has some.
-        means = scores / max(tasks_evaluated, 1)
-        metrics = {f"ARC/pass@{k}": float(m) for k, m in zip(Ks, means, strict=True)}
-        metrics["ARC/tasks_evaluated"] = float(tasks_evaluated)
-        metrics["ARC/tasks_total"] = float(len(self._pairs))
-        metrics["ARC/pairs_without_predictions"] = float(pairs_missing)
-        metrics["ARC/aggregated_evals"] = float(self._evals)
-        return metrics
+
+def score_and_submit(
+    pairs: dict[str, list[tuple[str, str]]],
+    ranked: dict[str, dict[str, list[str]]],
+    grids: dict[str, np.ndarray],
+    config: ARCEvaluatorConfig,
+    save_path: str | None,
+    submission_file: str,
+    prefix: str,
+    evals: int,
+) -> dict[str, float]:
+    """pass@K and the submission from each test pair's ranked candidate hashes.
+
+    ``pairs[task]``: (input hash, label hash) per test pair in source order; ``ranked[task]
+    [input hash]``: distinct predicted grid hashes, best first (a task is evaluated when it is
+    in ``ranked``); ``grids``: hash → grid. Writes ``save_path/submission_file`` when
+    ``save_path`` is given; returns ``{prefix}/pass@K``, ``/tasks_evaluated``,
+    ``/tasks_total``, ``/pairs_without_predictions`` and ``/aggregated_evals``.
+    """
+    Ks, K_sub = config.pass_Ks, config.submission_K
+    scores = np.zeros(len(Ks))
+    submission: dict[str, list[dict[str, list[list[int]]]]] = {}
+    tasks_evaluated = pairs_missing = 0
+    for task, task_pairs in pairs.items():
+        task_ranked = ranked.get(task, {})
+        solved = np.zeros(len(Ks))
+        attempts = []
+        for input_hash, label_hash in task_pairs:
+            order = task_ranked.get(input_hash, [])
+            if not order:
+                pairs_missing += 1
+                attempts.append({f"attempt_{i + 1}": FALLBACK_GRID for i in range(K_sub)})
+                continue
+            solved += [label_hash in order[:k] for k in Ks]
+            top = order[:K_sub] + [order[0]] * (K_sub - len(order[:K_sub]))
+            attempts.append({f"attempt_{i + 1}": grids[h].tolist() for i, h in enumerate(top)})
+        if task_ranked:
+            submission[task] = attempts
+            tasks_evaluated += 1
+            scores += solved / len(task_pairs)
+
+    if save_path is not None:
+        write_text_atomically(Path(save_path) / submission_file, json.dumps(submission))
+    # Over the tasks with predictions: upstream's all-task mean when every task has some.
+    means = scores / max(tasks_evaluated, 1)
+    metrics = {f"{prefix}/pass@{k}": float(m) for k, m in zip(Ks, means, strict=True)}
+    metrics[f"{prefix}/tasks_evaluated"] = float(tasks_evaluated)
+    metrics[f"{prefix}/tasks_total"] = float(len(pairs))
+    metrics[f"{prefix}/pairs_without_predictions"] = float(pairs_missing)
+    metrics[f"{prefix}/aggregated_evals"] = float(evals)
+    return metrics
 
 
 def _rank(candidates: dict[str, list[float]]) -> list[str]:

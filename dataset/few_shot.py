@@ -18,22 +18,30 @@ Registered here:
 
 * ``few_shot``: training, ETRM's ``_iter_train``. Each iteration of ``epochs_per_iter`` epochs
   permutes the kept groups once per epoch, visits them in that order and picks one random
-  augmented puzzle per visit, whose queries (in stored order) join the iteration's stream of
-  items; batches are consecutive runs of ``global_batch_size`` items and the short last one is
-  dropped. The group order comes from ``Generator(Philox(seed + counter))``, one
-  ``permutation`` per epoch, so it equals ETRM's for the same seed and counter. Two departures:
+  augmented puzzle per visit, whose queries join the iteration's stream of items; batches are
+  consecutive runs of ``global_batch_size`` items and the short last one is dropped. The group
+  order comes from ``Generator(Philox(seed + counter))``, one ``permutation`` per epoch, so it
+  equals ETRM's for the same seed and counter. By default (``batch_fill=continue``) two
+  departures:
 
   - the picks come from one generator per chunk of ``CHUNK_EPOCHS`` epochs
     (``SeedSequence(seed + counter, spawn_key=(chunk,))``, one pick per group and epoch, drawn
     in group order) instead of ETRM's draws interleaved with the group-order generator;
-  - the visit that fills a batch continues in the next one, where ETRM (like upstream TRM)
-    keeps a random subset of its queries and loses the rest for the iteration.
+  - a visit's queries join in stored order and the visit that fills a batch continues in the
+    next one, where ETRM (like upstream TRM) keeps a random subset of its queries, in random
+    order, and loses the rest for the iteration.
 
   So every visited query is trained on, and an iteration has exactly
   ``floor(items / global_batch_size)`` batches: ``total_steps`` counts the batches emitted
   (ETRM counted groups instead, so about a third of its logged steps did no update), and for
   ARC, where the augmented puzzles of a group have the same number of queries, it needs no
   random draw at all.
+
+  ``batch_fill=etrm`` reproduces ETRM's batches bit for bit instead: after the permutations the
+  same generator draws each visit's puzzle (``integers``) and the queries it keeps
+  (``choice`` without replacement, at most the free slots), in ETRM's order. ``total_steps``
+  stays the count of batches emitted: from the group order alone for ARC, from a replay of the
+  iteration's draws otherwise.
 * ``few_shot_eval``: evaluation, ETRM's ``_iter_test``: every query (``test_pairs``) of every
   puzzle of the kept groups once, in order, in windows of ``global_batch_size``; the last window
   may be short (``global_effective_batch_size`` is its size) and the collator pads it. Nothing
@@ -42,13 +50,14 @@ Registered here:
 Data without ``num_demos`` (Sudoku, Maze, upstream TRM builds) is refused, and so are queries
 without any demonstration (the test split of a ``--split-policy trm`` ARC build).
 
-One module past 400 lines on purpose: both samplers share the query layout (``SetQueries``) and
-its checks, which read best beside the samplers that use them.
+One module past 400 lines on purpose: both samplers share the query layout (``SetQueries``), its
+checks and the batch windows (``_WindowPlan``), which read best beside the samplers that use them.
 """
 
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -60,6 +69,7 @@ from dataset.sampling import SAMPLERS, BatchRows, Sampler, SetPlan
 from utils.schema import ConfigError
 
 TARGET_POLICIES = ("test_pairs", "leave_one_out")
+BATCH_FILLS = ("continue", "etrm")
 DEFAULT_MAX_DEMOS = 10  # ETRM's max_demos
 # Picks are drawn by one generator per chunk of this many epochs, so that counting batches
 # streams through an iteration without holding all its visits (ARC: 560 groups per epoch).
@@ -203,39 +213,155 @@ class DemoSampler(Sampler):
         self.queries = [set_queries(s, target_policy, max_demos, max_groups) for s in self.sets]
 
 
+@dataclass
+class _WindowPlan(SetPlan):
+    """Batch b holds items ``b * gbs`` up to ``(b + 1) * gbs`` (exclusive) of one set's stream of
+    items, each a query of a kept puzzle; only an evaluation stream may end in a short batch."""
+
+    queries: SetQueries
+    global_batch_size: int
+
+    @abstractmethod
+    def stream(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """Items ``lo`` up to ``hi`` (exclusive, cut at the stream's end): each one's puzzle and
+        its index among the puzzle's queries, both int64 [n]."""
+
+    def batch(self, index: int) -> BatchRows:
+        lo = index * self.global_batch_size
+        puzzles, query = self.stream(lo, lo + self.global_batch_size)
+        rows, demo_rows = self.queries.items(puzzles, query)
+        return BatchRows(rows, puzzles, puzzles.size, contiguous=False, demo_rows=demo_rows)
+
+
+@dataclass
+class _ArrayPlan(_WindowPlan):
+    """A stream held whole: ``puzzles`` and ``query`` int64 [N]."""
+
+    puzzles: np.ndarray
+    query: np.ndarray
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.puzzles.size / self.global_batch_size)
+
+    def stream(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.puzzles[lo:hi], self.query[lo:hi]
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 @dataclass
-class _FewShotPlan(SetPlan):
-    """One set's batches for one counter; the visits are drawn on the first ``batch`` call.
-
-    Batch b holds items ``b * gbs`` up to ``(b + 1) * gbs`` (exclusive) of the iteration's stream.
-    """
+class _TrainPlan(_WindowPlan):
+    """One set's batches for one counter, counted by the sampler; drawn on the first ``batch``."""
 
     sampler: FewShotSampler
     set_index: int
     counter: int
-    picks: np.ndarray | None = None  # int64 [V], the puzzle picked per visit, in visit order
-    cum: np.ndarray | None = None  # int64 [V+1], items of the visits before each visit
 
     @property
     def num_batches(self) -> int:
         return self.sampler.count_batches(self.set_index, self.counter)
 
-    def batch(self, index: int) -> BatchRows:
+
+@dataclass
+class _ContinuedPlan(_TrainPlan):
+    """``batch_fill=continue``: the stream is every query of every visit, in stored order."""
+
+    picks: np.ndarray | None = None  # int64 [V], the puzzle picked per visit, in visit order
+    cum: np.ndarray | None = None  # int64 [V+1], items of the visits before each visit
+
+    def stream(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         if self.picks is None or self.cum is None:
             _, self.picks = self.sampler.visit_picks(self.set_index, self.counter)
-            sizes = self.sampler.queries[self.set_index].count[self.picks]
+            sizes = self.queries.count[self.picks]
             self.cum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        gbs = self.sampler.global_batch_size
-        items = np.arange(index * gbs, (index + 1) * gbs)
+        items = np.arange(lo, hi)
         visit = np.searchsorted(self.cum, items, side="right") - 1  # skips visits with no query
-        puzzles = self.picks[visit]
-        rows, demo_rows = self.sampler.queries[self.set_index].items(
-            puzzles, items - self.cum[visit]
-        )
-        return BatchRows(rows, puzzles, gbs, contiguous=False, demo_rows=demo_rows)
+        return self.picks[visit], items - self.cum[visit]
+
+
+class _EtrmReplay:
+    """ETRM's ``_iter_train`` for one set and counter, draw for draw, one batch at a time.
+
+    ``Generator(Philox(seed + counter))`` permutes the kept groups once per epoch; then each
+    visit in order draws its puzzle (``integers``) and, when the puzzle has queries, the random
+    subset of them it keeps, as many as the batch still holds (``choice`` without replacement,
+    so also their order).
+    """
+
+    def __init__(self, queries: SetQueries, seed: int, epochs: int, global_batch_size: int) -> None:
+        self.rng = np.random.Generator(np.random.Philox(seed=seed))
+        self.order = _epoch_orders(self.rng, queries.num_groups, epochs)
+        self.bounds = queries.group_indices.tolist()
+        self.count = queries.count.tolist()
+        self.global_batch_size = global_batch_size
+        self.visit = 0
+        self.batches = 0  # full batches returned so far
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The next batch's puzzles and query indices, int64 [gbs]; None once the visits run out
+        before it is full (the dropped short last batch)."""
+        gbs = self.global_batch_size
+        puzzles = np.empty(gbs, dtype=np.int64)
+        query = np.empty(gbs, dtype=np.int64)
+        filled = 0
+        while filled < gbs and self.visit < self.order.size:
+            group = int(self.order[self.visit])
+            self.visit += 1
+            puzzle = int(self.rng.integers(self.bounds[group], self.bounds[group + 1]))
+            size = self.count[puzzle]
+            if size == 0:
+                continue
+            take = min(size, gbs - filled)
+            query[filled : filled + take] = self.rng.choice(size, take, replace=False)
+            puzzles[filled : filled + take] = puzzle
+            filled += take
+        if filled < gbs:
+            return None
+        self.batches += 1
+        return puzzles, query
+
+
+@dataclass
+class _TrimmedPlan(_TrainPlan):
+    """``batch_fill=etrm``: the stream is the items ETRM's batches keep, replayed batch by batch
+    as they are asked for, so the draws cost as much as in ETRM's loader and no more at once."""
+
+    replay: _EtrmReplay | None = None
+    last: tuple[np.ndarray, np.ndarray] | None = None  # batch replay.batches - 1
+
+    def stream(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        index = lo // self.global_batch_size
+        if self.replay is None or index < self.replay.batches - 1:
+            self.replay = self.sampler.etrm_replay(self.set_index, self.counter)
+        while self.replay.batches <= index:
+            self.last = self.replay.next_batch()
+            if self.last is None:
+                raise IndexError(f"batch {index} of an iteration of {self.num_batches} batches")
+        assert self.last is not None
+        return self.last
+
+
+def _epoch_orders(rng: np.random.Generator, num_groups: int, epochs: int) -> np.ndarray:
+    """The visited groups of ``epochs`` epochs, int64 [epochs * num_groups]: one permutation
+    per epoch, the first draws of ETRM's (and upstream TRM's) iteration generator."""
+    orders = [rng.permutation(num_groups) for _ in range(epochs)]
+    return np.concatenate(orders).astype(np.int64) if orders else np.zeros(0, dtype=np.int64)
+
+
+def trimmed_batches(sizes: np.ndarray, global_batch_size: int) -> int:
+    """Full batches of ETRM's filling for visits of ``sizes`` queries (int64 [V], in order).
+
+    A batch takes whole visits until full; the visit that fills it keeps only what fits and the
+    next batch starts at the following visit; the short last batch is dropped.
+    """
+    cum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    batches, start = 0, 0
+    while int(cum[-1]) - int(cum[start]) >= global_batch_size:
+        start = int(np.searchsorted(cum, cum[start] + global_batch_size, side="left"))
+        batches += 1
+    return batches
 
 
 @SAMPLERS.register("few_shot")
@@ -243,8 +369,10 @@ class FewShotSampler(DemoSampler):
     """ETRM's training sampling (the module docstring has the details and the departures).
 
     Every batch holds exactly ``global_batch_size`` items; ``total_steps`` and ``num_batches``
-    are exact counts of what ``plan`` yields, found without any draw when all puzzles of each
-    group have the same number of queries (ARC) and from the picks alone otherwise.
+    are exact counts of what ``plan`` yields, found from the group order alone when all puzzles
+    of each group have the same number of queries (ARC; ``batch_fill=continue`` needs not even
+    that) and from the iteration's draws otherwise. ``batch_fill`` (``BATCH_FILLS``) chooses
+    what happens to the visit that fills a batch.
     """
 
     counter_step = 1
@@ -260,6 +388,7 @@ class FewShotSampler(DemoSampler):
         max_demos: int = DEFAULT_MAX_DEMOS,
         max_groups: int | None = None,
         target_policy: str = "test_pairs",
+        batch_fill: str = "continue",
     ) -> None:
         super().__init__(
             sets,
@@ -271,17 +400,20 @@ class FewShotSampler(DemoSampler):
             max_groups=max_groups,
             target_policy=target_policy,
         )
-        # Items per epoch, when no draw changes it (every puzzle of a group has as many queries).
-        self._epoch_items: list[int | None] = []
-        for queries in self.queries:
-            counts = queries.constant_group_counts()
-            self._epoch_items.append(None if counts is None else int(counts.sum()))
+        if batch_fill not in BATCH_FILLS:
+            raise ConfigError(
+                f"batch_fill must be one of {', '.join(BATCH_FILLS)}, got {batch_fill!r}"
+            )
+        self.batch_fill = batch_fill
+        # Queries per puzzle of each group, when no draw changes it (ARC: augmented copies).
+        self._group_counts = [queries.constant_group_counts() for queries in self.queries]
         self._counts: dict[tuple[int, int], int] = {}
 
     def visits(
         self, set_index: int, counter: int, *, order: bool = True
     ) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
-        """The draws of one iteration, a chunk of up to ``CHUNK_EPOCHS`` epochs at a time.
+        """``batch_fill=continue``'s draws of one iteration, up to ``CHUNK_EPOCHS`` epochs at a
+        time.
 
         Yields, for the chunk's n epochs, the group order (``order``), int64 [n, G] with row e
         the permutation of epoch e, else None; and the puzzle picked for each group in each
@@ -295,9 +427,7 @@ class FewShotSampler(DemoSampler):
             epochs = min(CHUNK_EPOCHS, self.epochs_per_iter - first_epoch)
             visited = None
             if order:
-                visited = np.stack(
-                    [order_rng.permutation(queries.num_groups) for _ in range(epochs)]
-                ).astype(np.int64)
+                visited = _epoch_orders(order_rng, queries.num_groups, epochs).reshape(epochs, -1)
             # Uniform over each group's puzzles: floor(u * size) for u in [0, 1), clamped against
             # rounding up; one double per pick is several times cheaper than bounded integers.
             u = _philox(self.seed + counter, chunk).random((epochs, queries.num_groups))
@@ -306,7 +436,8 @@ class FewShotSampler(DemoSampler):
             yield visited, groups[:-1] + offsets
 
     def visit_picks(self, set_index: int, counter: int) -> tuple[np.ndarray, np.ndarray]:
-        """The visited groups and picked puzzles of one iteration in visit order, int64 [V]."""
+        """``batch_fill=continue``'s visited groups and picked puzzles of one iteration in visit
+        order, int64 [V]."""
         groups, picks = [], []
         for order, by_group in self.visits(set_index, counter):
             assert order is not None
@@ -314,22 +445,37 @@ class FewShotSampler(DemoSampler):
             picks.append(np.take_along_axis(by_group, order, axis=1).ravel())
         return np.concatenate(groups), np.concatenate(picks)
 
+    def etrm_replay(self, set_index: int, counter: int) -> _EtrmReplay:
+        """``batch_fill=etrm``'s draws of one iteration, from its start."""
+        queries, gbs = self.queries[set_index], self.global_batch_size
+        return _EtrmReplay(queries, self.seed + counter, self.epochs_per_iter, gbs)
+
     def count_batches(self, set_index: int, counter: int) -> int:
         """Batches of set ``set_index`` for ``counter``, without building its plan."""
-        per_epoch = self._epoch_items[set_index]
-        if per_epoch is not None:
-            return per_epoch * self.epochs_per_iter // self.global_batch_size
+        counts = self._group_counts[set_index]
+        if self.batch_fill == "continue" and counts is not None:
+            return int(counts.sum()) * self.epochs_per_iter // self.global_batch_size
         key = (set_index, counter)
         if key not in self._counts:
-            count = self.queries[set_index].count
-            items = sum(
-                int(count[p].sum()) for _, p in self.visits(set_index, counter, order=False)
-            )
-            self._counts[key] = items // self.global_batch_size
+            if self.batch_fill == "continue":
+                count = self.queries[set_index].count
+                visits = self.visits(set_index, counter, order=False)
+                items = sum(int(count[p].sum()) for _, p in visits)
+                self._counts[key] = items // self.global_batch_size
+            elif counts is not None:
+                # Every puzzle of a group has as many queries: the group order alone decides.
+                rng = np.random.Generator(np.random.Philox(seed=self.seed + counter))
+                order = _epoch_orders(rng, counts.size, self.epochs_per_iter)
+                self._counts[key] = trimmed_batches(counts[order], self.global_batch_size)
+            else:
+                replay = self.etrm_replay(set_index, counter)
+                self._counts[key] = sum(1 for _ in iter(replay.next_batch, None))
         return self._counts[key]
 
-    def plan(self, set_index: int, counter: int) -> _FewShotPlan:
-        return _FewShotPlan(self, set_index, counter)
+    def plan(self, set_index: int, counter: int) -> _TrainPlan:
+        queries, gbs = self.queries[set_index], self.global_batch_size
+        kind = _ContinuedPlan if self.batch_fill == "continue" else _TrimmedPlan
+        return kind(queries, gbs, self, set_index, counter)
 
     def total_steps(self, epochs: int) -> int:
         """Exactly the batches of ``epochs // epochs_per_iter`` iterations, every set.
@@ -362,26 +508,6 @@ class FewShotSampler(DemoSampler):
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class _FewShotEvalPlan(SetPlan):
-    """Window w holds items ``w * gbs`` up to ``(w + 1) * gbs`` (exclusive) of the set's queries."""
-
-    queries: SetQueries
-    puzzles: np.ndarray  # int64 [Q], the puzzle of each query, in order
-    query: np.ndarray  # int64 [Q], its index among the puzzle's queries
-    global_batch_size: int
-
-    @property
-    def num_batches(self) -> int:
-        return math.ceil(self.puzzles.size / self.global_batch_size)
-
-    def batch(self, index: int) -> BatchRows:
-        window = slice(index * self.global_batch_size, (index + 1) * self.global_batch_size)
-        puzzles = self.puzzles[window]
-        rows, demo_rows = self.queries.items(puzzles, self.query[window])
-        return BatchRows(rows, puzzles, puzzles.size, contiguous=False, demo_rows=demo_rows)
-
-
 @SAMPLERS.register("few_shot_eval")
 class FewShotEvalSampler(DemoSampler):
     """ETRM's evaluation sampling: every test-pair query of the kept groups once, in order.
@@ -412,15 +538,15 @@ class FewShotEvalSampler(DemoSampler):
             max_demos=max_demos,
             max_groups=max_groups,
         )
-        self._items = []
+        self._plans = []
         for queries in self.queries:
             starts = np.concatenate([[0], np.cumsum(queries.count)])
             puzzles = np.repeat(np.arange(queries.count.size, dtype=np.int64), queries.count)
-            self._items.append((puzzles, np.arange(puzzles.size) - starts[puzzles]))
+            query = np.arange(puzzles.size) - starts[puzzles]
+            self._plans.append(_ArrayPlan(queries, global_batch_size, puzzles, query))
 
-    def plan(self, set_index: int, counter: int) -> _FewShotEvalPlan:
-        puzzles, query = self._items[set_index]
-        return _FewShotEvalPlan(self.queries[set_index], puzzles, query, self.global_batch_size)
+    def plan(self, set_index: int, counter: int) -> _ArrayPlan:
+        return self._plans[set_index]
 
     def total_steps(self, epochs: int) -> int:
         """Exactly the windows of ``epochs`` passes."""

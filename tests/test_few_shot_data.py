@@ -1,7 +1,14 @@
 """The few-shot data path: strict builds, demo batch fields, the few-shot samplers and refusals.
 
 Expectations come from the source tasks (decoded canvases, undone augmentations), from the raw
-arrays on disk and from an independent re-statement of ETRM's batch filling loop.
+arrays on disk, from an independent re-statement of ETRM's batch filling loop and from what
+ETRM's own loader (bdsaglam/etrm at 109b070) yields on ``tests/fixtures/etrm_encoder_dataset``:
+its evaluation batches below, and its training batches in
+``tests/golden/etrm_fewshot_train_batches.json``, written by running ETRM's
+``FewShotPuzzleDataset`` unchanged from an archive of that commit::
+
+    mkdir -p /tmp/etrm && git -C ETRM_REPO archive 109b070 dataset models | tar -x -C /tmp/etrm
+    .venv/bin/python tests/golden/etrm_fewshot_train_capture.py /tmp/etrm
 """
 
 from __future__ import annotations
@@ -423,24 +430,118 @@ def test_total_steps_counts_batches_not_groups(strict: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# batch_fill=etrm: ETRM's trimmed batches
+# ----------------------------------------------------------------------------------------------
+def etrm_fill(
+    data: dict[str, np.ndarray], seed: int, counter: int, gbs: int, epochs: int, policy: str
+) -> list[list[int]]:
+    """ETRM's ``_iter_train`` restated, its loop and its draws from one generator (extended to
+    ``leave_one_out``, whose queries are all examples of a puzzle with two or more): the example
+    rows of each batch it emits."""
+    groups, starts = data["group_indices"], data["puzzle_indices"]
+    rng = np.random.Generator(np.random.Philox(seed=seed + counter))
+    order = np.concatenate([rng.permutation(groups.size - 1) for _ in range(epochs)])
+    batches, visit = [], 0
+    while visit < len(order):
+        items: list[int] = []
+        while len(items) < gbs and visit < len(order):
+            g = order[visit]
+            p = rng.integers(groups[g], groups[g + 1])
+            visit += 1
+            first = starts[p] + data["num_demos"][p] if policy == "test_pairs" else starts[p]
+            size = starts[p + 1] - first
+            if size <= 0 or (policy == "leave_one_out" and size < 2):
+                continue
+            take = min(size, gbs - len(items))
+            items += [int(first + q) for q in rng.choice(size, take, replace=False)]
+        if len(items) < gbs:
+            break
+        batches.append(items)
+    return batches
+
+
+@pytest.mark.parametrize("policy", ["test_pairs", "leave_one_out"])
+@pytest.mark.parametrize(("gbs", "epochs", "seed"), [(1, 1, 0), (3, 2, 1), (4, 5, 2), (7, 3, 3)])
+def test_etrm_fill_is_etrms_loop_and_total_steps_its_batches(
+    tmp_path: Path, strict: Path, policy: str, gbs: int, epochs: int, seed: int
+) -> None:
+    # strict: every puzzle of a group has as many queries, so the group order alone counts the
+    # batches; varied: its puzzles differ, so the count needs every draw of the iteration.
+    for path in (strict, write_varied(tmp_path / "varied")):
+        data = raw(path, "train")
+        fields = ["inputs", "puzzle_identifiers"]
+        options = {"target_policy": policy, "batch_fill": "etrm"}
+        ds = make(path, gbs=gbs, epochs=epochs, seed=seed, fields=fields, **options)
+        sampler = ds.sampler
+        assert isinstance(sampler, FewShotSampler)
+        emitted = []
+        for iteration in range(3):
+            counter = sampler.set_counter(sampler.iteration_counter(iteration), 0)
+            count = ds.num_batches(iteration)  # before any draw of the iteration's picks
+            batches = list(ds)
+            assert all(n == gbs and len(b["inputs"]) == gbs for _, b, n in batches)
+            got = [
+                [
+                    row_of(data, int(i), x)[1]
+                    for i, x in zip(b["puzzle_identifiers"], b["inputs"], strict=True)
+                ]
+                for _, b, _ in batches
+            ]
+            assert got == etrm_fill(data, seed, counter, gbs, epochs, policy)
+            assert len(batches) == count
+            # Any batch on its own, in any order, as a resumed run asks for it.
+            plan = sampler.plan(0, counter)
+            rows = [plan.batch(b).rows.tolist() for b in reversed(range(count))]
+            assert rows[::-1] == got
+            emitted.append(count)
+        assert ds.total_steps(3 * epochs) == sum(emitted)
+        fresh = make(path, gbs=gbs, epochs=epochs, seed=seed, **options)
+        assert fresh.total_steps(3 * epochs) == sum(emitted)
+
+
+def test_etrm_fill_counts_with_etrms_filling_loop(strict: Path) -> None:
+    # 100 epochs of 4 groups at batch 3 (tasks of 1, 2, 1 and 3 test pairs): the count from the
+    # group order alone against the filling loop restated (etrm_batches) and the batches emitted.
+    ds = make(strict, gbs=3, epochs=100, seed=9, fields=["group_ids"], batch_fill="etrm")
+    sampler = ds.sampler
+    assert isinstance(sampler, FewShotSampler)
+    counts = sampler._group_counts[0]
+    assert counts is not None and sorted(counts.tolist()) == [1, 1, 2, 3]
+    rng = np.random.Generator(np.random.Philox(seed=9 + 1))
+    sizes = [int(counts[g]) for _ in range(100) for g in rng.permutation(4)]
+    expected = etrm_batches(sizes, 3)
+    assert expected < 7 * 100 // 3  # trimming loses queries
+    assert ds.total_steps(100) == len(list(ds)) == expected
+
+
+def test_batch_fill_is_checked(strict: Path) -> None:
+    with pytest.raises(ConfigError, match="batch_fill must be one of continue, etrm"):
+        make(strict, batch_fill="trim")
+    with pytest.raises(ConfigError, match="sampler 'few_shot_eval' has no option 'batch_fill'"):
+        make(strict, "test", batch_fill="etrm")
+
+
+# ----------------------------------------------------------------------------------------------
 # Resume and ranks
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("split", ["train", "test"])
-def test_resume_continues_with_the_next_batch(strict: Path, split: str) -> None:
-    full = make(strict, split, gbs=2, epochs=2, seed=4)
+@pytest.mark.parametrize(
+    ("split", "fill"), [("train", {}), ("test", {}), ("train", {"batch_fill": "etrm"})]
+)
+def test_resume_continues_with_the_next_batch(strict: Path, split: str, fill: dict) -> None:
+    full = make(strict, split, gbs=2, epochs=2, seed=4, **fill)
     reference = list(full) + list(full)
-    half = make(strict, split, gbs=2, epochs=2, seed=4)
+    half = make(strict, split, gbs=2, epochs=2, seed=4, **fill)
     taken = []
     iterator = iter(half)
     for _ in range(3):
         taken.append(next(iterator))
     state = half.state_dict()
-    resumed = make(strict, split, gbs=2, epochs=2, seed=4)
+    resumed = make(strict, split, gbs=2, epochs=2, seed=4, **fill)
     resumed.load_state_dict(json.loads(json.dumps(state)))
     rest = list(resumed)
     if split == "train":
         rest += list(resumed)
-    first = len(list(make(strict, split, gbs=2, epochs=2, seed=4)))
+    first = len(list(make(strict, split, gbs=2, epochs=2, seed=4, **fill)))
     got = taken + rest
     expected = reference if split == "train" else reference[:first]
     assert len(got) == len(expected)
@@ -448,9 +549,12 @@ def test_resume_continues_with_the_next_batch(strict: Path, split: str) -> None:
         assert (n1, e1) == (n2, e2)
         assert all(torch.equal(b1[k], b2[k]) for k in FIELDS)
     # Other options mean other batches: the state is refused.
-    other = make(strict, split, gbs=2, epochs=2, seed=4, max_demos=3)
+    other = make(strict, split, gbs=2, epochs=2, seed=4, max_demos=3, **fill)
     with pytest.raises(DataError, match="sampler_options"):
         other.load_state_dict(state)
+    if fill:  # a run's loader always names its options (training.data)
+        with pytest.raises(DataError, match="sampler_options"):
+            make(strict, split, gbs=2, epochs=2, seed=4, max_demos=10).load_state_dict(state)
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -678,3 +782,67 @@ def test_evaluation_keeps_the_query_etrm_dropped() -> None:
     ds = make(ETRM_FIXTURE, "test", gbs=3, fields=["puzzle_identifiers"])
     ids = [int(i) for _, b, n in ds for i in b["puzzle_identifiers"][:n]]
     assert sorted(ids) == sorted([*ETRM_TEST_GBS3_IDS, 11])
+
+
+# What ETRM's loader yields in training, by tests/golden/etrm_fewshot_train_capture.py.
+ETRM_TRAIN_GOLDEN = json.loads((REPO / "tests/golden/etrm_fewshot_train_batches.json").read_text())
+
+
+def fewshot_batches(case: dict, **options: object) -> list[list[list[list]]]:
+    """The golden's iteration -> batch -> rank -> [identifiers, sha256] from this sampler."""
+    replicas, gbs = case["num_replicas"], case["global_batch_size"]
+    loaders = [
+        make(ETRM_FIXTURE, gbs=gbs, seed=case["seed"], epochs=case["epochs_per_iter"], rank=r,
+             replicas=replicas, fields=list(ETRM_HASHED), max_demos=case["max_demos"],
+             max_groups=case["max_groups"], **options)
+        for r in range(replicas)
+    ]  # fmt: skip
+    iterations = []
+    for _ in case["iterations"]:
+        per_rank = [list(loader) for loader in loaders]
+        assert len({len(batches) for batches in per_rank}) == 1
+        batches = []
+        for row in zip(*per_rank, strict=True):
+            entry = []
+            for _, batch, effective in row:
+                assert effective == gbs and len(batch["inputs"]) == gbs // replicas
+                digest = hashlib.sha256()
+                for key in ETRM_HASHED:
+                    digest.update(batch[key].numpy().tobytes())
+                entry.append([batch["puzzle_identifiers"].tolist(), digest.hexdigest()])
+            batches.append(entry)
+        iterations.append(batches)
+    return iterations
+
+
+@pytest.mark.parametrize(
+    "case",
+    ETRM_TRAIN_GOLDEN["cases"],
+    ids=lambda c: "seed{seed}-gbs{global_batch_size}-e{epochs_per_iter}-ws{num_replicas}".format(
+        **c
+    ),
+)
+def test_etrm_fill_yields_etrms_training_batches(case: dict) -> None:
+    got = fewshot_batches(case, batch_fill="etrm")
+    assert got == case["iterations"]
+    ds = make(ETRM_FIXTURE, gbs=case["global_batch_size"], seed=case["seed"],
+              epochs=case["epochs_per_iter"], max_demos=case["max_demos"],
+              max_groups=case["max_groups"], batch_fill="etrm")  # fmt: skip
+    emitted = [len(batches) for batches in case["iterations"]]
+    assert [ds.num_batches(i) for i in range(len(emitted))] == emitted
+    assert ds.total_steps(len(emitted) * case["epochs_per_iter"]) == sum(emitted)
+
+
+def test_default_fill_is_not_etrms() -> None:
+    # The golden can tell the two fills apart: the default keeps every query of every visit.
+    case = ETRM_TRAIN_GOLDEN["cases"][1]
+    assert fewshot_batches(case) != case["iterations"]
+
+
+@pytest.mark.parametrize(("seed", "gbs", "epochs"), list(ETRM_TRAIN))
+def test_etrm_fill_emits_etrms_batch_counts(seed: int, gbs: int, epochs: int) -> None:
+    ds = make(ETRM_FIXTURE, gbs=gbs, seed=seed, epochs=epochs, fields=["group_ids"],
+              batch_fill="etrm")  # fmt: skip
+    counts = [batches for batches, _ in ETRM_TRAIN[(seed, gbs, epochs)]]
+    assert [len(list(ds)) for _ in counts] == counts
+    assert ds.total_steps(len(counts) * epochs) == sum(counts)

@@ -350,7 +350,7 @@ def _epoch_orders(rng: np.random.Generator, num_groups: int, epochs: int) -> np.
     return np.concatenate(orders).astype(np.int64) if orders else np.zeros(0, dtype=np.int64)
 
 
-def trimmed_batches(sizes: np.ndarray, global_batch_size: int) -> int:
+def _trimmed_batches(sizes: np.ndarray, global_batch_size: int) -> int:
     """Full batches of ETRM's filling for visits of ``sizes`` queries (int64 [V], in order).
 
     A batch takes whole visits until full; the visit that fills it keeps only what fits and the
@@ -422,15 +422,15 @@ class FewShotSampler(DemoSampler):
         """
         queries = self.queries[set_index]
         order_rng = np.random.Generator(np.random.Philox(seed=self.seed + counter))
-        groups = queries.group_indices
+        groups, num = queries.group_indices, queries.num_groups
         for chunk, first_epoch in enumerate(range(0, self.epochs_per_iter, CHUNK_EPOCHS)):
             epochs = min(CHUNK_EPOCHS, self.epochs_per_iter - first_epoch)
             visited = None
             if order:
-                visited = _epoch_orders(order_rng, queries.num_groups, epochs).reshape(epochs, -1)
+                visited = _epoch_orders(order_rng, num, epochs).reshape(epochs, num)
             # Uniform over each group's puzzles: floor(u * size) for u in [0, 1), clamped against
             # rounding up; one double per pick is several times cheaper than bounded integers.
-            u = _philox(self.seed + counter, chunk).random((epochs, queries.num_groups))
+            u = _philox(self.seed + counter, chunk).random((epochs, num))
             sizes = np.diff(groups)
             offsets = np.minimum((u * sizes).astype(np.int64), sizes - 1)
             yield visited, groups[:-1] + offsets
@@ -466,7 +466,7 @@ class FewShotSampler(DemoSampler):
                 # Every puzzle of a group has as many queries: the group order alone decides.
                 rng = np.random.Generator(np.random.Philox(seed=self.seed + counter))
                 order = _epoch_orders(rng, counts.size, self.epochs_per_iter)
-                self._counts[key] = trimmed_batches(counts[order], self.global_batch_size)
+                self._counts[key] = _trimmed_batches(counts[order], self.global_batch_size)
             else:
                 replay = self.etrm_replay(set_index, counter)
                 self._counts[key] = sum(1 for _ in iter(replay.next_batch, None))

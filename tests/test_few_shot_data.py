@@ -846,3 +846,26 @@ def test_etrm_fill_emits_etrms_batch_counts(seed: int, gbs: int, epochs: int) ->
     counts = [batches for batches, _ in ETRM_TRAIN[(seed, gbs, epochs)]]
     assert [len(list(ds)) for _ in counts] == counts
     assert ds.total_steps(len(counts) * epochs) == sum(counts)
+
+
+def test_the_run_config_chooses_the_batch_fill(strict: Path) -> None:
+    """``batch_fill`` reaches the training sampler from the run config (``training.data``), is
+    left out of the options by default (older checkpoints' loader states keep resuming), and
+    a state saved with options is refused by a loader without any."""
+    from training.config import load_pretrain_config
+    from training.data import _demo_sampling
+    from utils.config import compose
+
+    def options(*overrides: str) -> dict:
+        config = load_pretrain_config(compose(overrides=["arch=etrm", *overrides]))
+        return _demo_sampling(config, test_set_mode=False)[1]
+
+    assert "batch_fill" not in options()
+    assert options("batch_fill=etrm")["batch_fill"] == "etrm"
+    with pytest.raises(ConfigError, match="batch_fill"):
+        options("batch_fill=trim")
+    trimmed = make(strict, "train", gbs=3, epochs=2, batch_fill="etrm")
+    next(iter(trimmed))
+    bare = make(strict, "train", gbs=3, epochs=2)
+    with pytest.raises(DataError, match="sampler_options"):
+        bare.load_state_dict(trimmed.state_dict())

@@ -143,6 +143,12 @@ class PretrainConfig(StrictModel):
         description="training queries: the ARC test pairs (ETRM) or every pair in turn, the "
         "others as its demos (LPN)",
     )
+    batch_fill: Literal["continue", "etrm"] = Field(
+        "continue",
+        description="few-shot training batches: continue (the visit that fills a batch goes on "
+        "in the next one, every visited query trained) or etrm (ETRM's batches bit for bit: a "
+        "random subset of that visit's queries, the rest lost)",
+    )
     encoder_lr_scale: float = Field(
         0.0, ge=0, description="> 0: the encoder trains at lr × this, weight decay × 0.1"
     )

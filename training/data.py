@@ -43,6 +43,8 @@ def _demo_sampling(config: PretrainConfig, test_set_mode: bool) -> tuple[str, di
             "use sampler=few_shot or leave sampler unset"
         )
     options = {"max_demos": config.max_demos, "max_groups": config.max_train_groups}
+    if config.batch_fill != "continue":  # absent from the default, so older checkpoints resume
+        options["batch_fill"] = config.batch_fill
     return name, {**options, "target_policy": config.target_policy}
 
 

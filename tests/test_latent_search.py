@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.encoders.base import ENCODERS, DemoEncoder, EncoderConfig, EncoderOutput
 from models.etrm.configs import ETRMConfig
 from models.family import family_of
+from models.losses import ACTLossHead
+from models.recursive_reasoning.act import ACTCarry
 from models.recursive_reasoning.common import ModelDims
 from models.recursive_reasoning.configs import TRMConfig
 from training.latent_search import SearchOutput, TTOConfig, search
@@ -100,8 +103,10 @@ def rule_batch(B: int, seed: int = 0, counts: list[int] | None = None) -> Batch:
 
 
 def run(head: nn.Module, batch: Batch, **config: object) -> SearchOutput:
+    """The search as evaluation calls it (inside inference mode); FLOPs uncounted unless
+    asked for (the counter's first use costs seconds)."""
     with torch.inference_mode():
-        return search(head, batch, TTOConfig(**config))
+        return search(head, batch, TTOConfig(**{"count_flops": False, **config}))
 
 
 def plain_demo_loss(head: nn.Module, batch: Batch, b: int, i: int, mask: Tensor) -> float:
@@ -173,6 +178,81 @@ def test_leave_one_out_scores_each_demo_without_it() -> None:
     assert not torch.allclose(loo, seen)
 
 
+class CopyEncoder(DemoEncoder):
+    """Context [S, V]: the mean one-hot of its demos' outputs (zeros for an empty set)."""
+
+    def forward(
+        self, demo_inputs: Tensor, demo_labels: Tensor, demo_mask: Tensor, state: object = None
+    ) -> EncoderOutput:
+        onehot = F.one_hot(demo_labels.long(), DIMS.vocab_size).float()
+        w = demo_mask.float()[..., None, None]
+        return EncoderOutput(context=(onehot * w).sum(1) / w.sum(1).clamp_min(1))
+
+
+class CopyModel(nn.Module):
+    """A one-step ACT model that predicts its context: logits = gain · context, so a demo is
+    predicted best from a context that saw its own output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = EncoderConfig(hidden_size=DIMS.vocab_size, output_tokens=DIMS.seq_len,
+                               vocab_size=DIMS.vocab_size, seq_len=DIMS.seq_len,
+                               forward_dtype="float32")  # fmt: skip
+        self.encoder = CopyEncoder(config)
+        self.gain = nn.Parameter(torch.tensor(3.0))
+        self.config = TRMConfig(name="trm", halt_max_steps=1)
+
+    def initial_carry(self, batch: Batch) -> ACTCarry:
+        B = batch["inputs"].shape[0]
+        return ACTCarry({}, torch.zeros(B, dtype=torch.int32), torch.ones(B, dtype=torch.bool),
+                        {k: torch.empty_like(v) for k, v in batch.items()})  # fmt: skip
+
+    def forward(self, carry: ACTCarry, batch: Batch) -> tuple[ACTCarry, dict[str, Tensor]]:
+        h = carry.halted
+        data = {k: torch.where(h.view(-1, *[1] * (v.ndim - 1)), batch[k], v)
+                for k, v in carry.current_data.items()}  # fmt: skip
+        context = self.encoder(data["demo_inputs"], data["demo_labels"], data["demo_mask"]).context
+        zeros = torch.zeros(h.shape)
+        steps = torch.where(h, 0, carry.steps) + 1
+        outputs = {
+            "logits": self.gain * context,
+            "q_halt_logits": zeros,
+            "q_continue_logits": zeros,
+        }
+        return ACTCarry({}, steps, steps >= 1, data), outputs
+
+
+def copy_loglik(labels: Tensor, i: int, others: list[int], gain: float = 3.0) -> float:
+    """Demo i's mean token log-probability under the softmax of gain · (mean one-hot of the
+    demos ``others``), written out."""
+    p = torch.zeros(DIMS.seq_len, DIMS.vocab_size)
+    for j in others:
+        p += F.one_hot(labels[j].long(), DIMS.vocab_size).float() / len(others)
+    logprob = torch.log_softmax(gain * p, -1)
+    y = labels[i].long()
+    scored = y != 0  # PAD labels are not scored
+    return float(logprob[torch.arange(DIMS.seq_len), y][scored].mean())
+
+
+@pytest.mark.parametrize("init", ["mean", "each_demo"])
+def test_leave_one_out_never_lets_a_demo_see_itself(init: str) -> None:
+    head = ACTLossHead(CopyModel(), loss_type="softmax_cross_entropy")
+    batch = rule_batch(6)
+    loo = run(head, batch, steps=1, init=init, loo=True).loglik_trajectory[:, :, 0]
+    seen = run(head, batch, steps=1, init=init, loo=False).loglik_trajectory[:, :, 0]
+    for b in range(6):
+        labels, valid = batch["demo_labels"][b], batch["demo_mask"][b].nonzero()[:, 0].tolist()
+        sets = [valid] if init == "mean" else [[k] for k in valid]
+        for c, members in enumerate(sets):
+            want = [copy_loglik(labels, i, [j for j in members if j != i]) for i in valid]
+            assert float(loo[b, c]) == pytest.approx(sum(want) / len(valid), abs=1e-5)
+            want = [copy_loglik(labels, i, members) for i in valid]
+            assert float(seen[b, c]) == pytest.approx(sum(want) / len(valid), abs=1e-5)
+    # Seeing itself would help (each demo's own output is in the context it is scored from).
+    valid = ~loo.isnan()
+    assert bool((seen[valid] > loo[valid] + 0.05).all())
+
+
 # ----------------------------------------------------------------------------------------------
 # Batched equals per-row
 # ----------------------------------------------------------------------------------------------
@@ -180,7 +260,7 @@ def test_leave_one_out_scores_each_demo_without_it() -> None:
     "options",
     [
         {},
-        {"init": "each_demo", "variable": "latent"},
+        {"init": "each_demo", "variable": "latent", "chunk_rows": 3},
         {"init": "perturbed", "variable": "offset", "schedule": "cosine"},
         {"method": "random_search", "num_perturbed": 2},
     ],
@@ -202,6 +282,15 @@ def test_batched_search_equals_each_row_alone(options: dict) -> None:
             atol=1e-5, rtol=1e-5, equal_nan=True,
         )  # fmt: skip
         assert together.loglik_trajectory[b, c:].isnan().all()
+
+
+def test_flops_grow_linearly_with_the_steps() -> None:
+    head, batch = etrm_head(), rule_batch(3)
+    flops = [run(head, batch, steps=s, count_flops=True).flops for s in (1, 2, 3)]
+    assert all(f is not None and f > 0 for f in flops)
+    assert flops[2] - flops[1] == pytest.approx(flops[1] - flops[0], rel=1e-9)
+    assert flops[1] - flops[0] > 0
+    assert run(head, batch, steps=1).flops is None
 
 
 # ----------------------------------------------------------------------------------------------

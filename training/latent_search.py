@@ -147,6 +147,9 @@ class TTOConfig(StrictModel):
     demo_pad_label: int = Field(
         0, description="demo label token not scored (the dataset's ignore_label_id; PAD 0)"
     )
+    chunk_rows: int | None = Field(
+        None, ge=1, description="decoder rows per forward (memory bound); None = all at once"
+    )
     count_flops: bool = Field(True, description="measure the search's FLOPs (FlopCounterMode)")
     seed: int = Field(0, description="seed of the perturbations and of the offset's U")
 
@@ -496,9 +499,10 @@ class _State:
         """[B, C, *X]: the query's conditioning under each candidate."""
         return self.anchor + self.displacement()
 
-    def demo_values(self, problem: _Problem) -> torch.Tensor:
-        """[N, *X]: each demo row's conditioning (its leave-one-out base, moved)."""
-        return problem.base + self.displacement()[problem.row_b, problem.row_c]
+    def demo_values(self, problem: _Problem, rows: slice) -> torch.Tensor:
+        """[n, *X]: demo rows ``rows``' conditioning (their leave-one-out bases, moved)."""
+        moved = self.displacement()[problem.row_b[rows], problem.row_c[rows]]
+        return problem.base[rows] + moved
 
 
 def _initial_state(problem: _Problem, config: TTOConfig, gens: list[torch.Generator]) -> _State:
@@ -534,57 +538,95 @@ def _without_cached_context(carry: ACTCarry) -> ACTCarry:
 
 
 def _demo_losses(
-    head: nn.Module,
-    injector: _Injector,
-    problem: _Problem,
-    values: torch.Tensor,
-    steps: int,
+    head: nn.Module, injector: _Injector, batch: Batch, values: torch.Tensor, steps: int
 ) -> torch.Tensor:
-    """Each demo row's mean token loss [N] (float64) after ``steps`` ACT steps under ``values``
-    [N, *X]; the graph reaches ``values`` through the last step."""
-    batch = problem.demo_batch
+    """Each demo row's mean token loss [n] (float64) after ``steps`` ACT steps on ``batch``
+    under ``values`` [n, *X]; the graph reaches ``values`` through the last step."""
     carry = head.initial_carry(batch)
     out: LossOutput | None = None
-    for t in range(steps):
-        last = t == steps - 1
-        injector.value = values if last else values.detach()
-        with torch.enable_grad() if last else torch.no_grad():
-            out = head(carry=_without_cached_context(carry), batch=batch)
-        carry = replace(out.new_carry, halted=torch.zeros_like(out.new_carry.halted))
-    injector.value = None
+    try:
+        for t in range(steps):
+            last = t == steps - 1
+            injector.value = values if last else values.detach()
+            with torch.enable_grad() if last else torch.no_grad():
+                out = head(carry=_without_cached_context(carry), batch=batch)
+            # Halting off: a slot never restarts, whatever recursion_steps is.
+            carry = replace(out.new_carry, halted=torch.zeros_like(out.new_carry.halted))
+    finally:
+        injector.value = None
     assert out is not None
     return out.lm_loss_per_sample.double()
 
 
-def _loglik(problem: _Problem, losses: torch.Tensor) -> torch.Tensor:
-    """[B, C] float64: minus the mean over each candidate's valid demos of their losses."""
+def _chunks(n: int, size: int | None) -> list[slice]:
+    size = n if size is None else size
+    return [slice(i, min(i + size, n)) for i in range(0, n, max(size, 1))] or [slice(0, 0)]
+
+
+def _score(
+    head: nn.Module,
+    injector: _Injector,
+    problem: _Problem,
+    state: _State,
+    steps: int,
+    grad: bool,
+    chunk_rows: int | None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Demo log-likelihoods [B, C] float64 of ``state`` and, with ``grad``, the gradients of
+    minus their sum over valid candidates with respect to its tensors (chunks of demo rows
+    accumulate: the rows are independent, so the sum is exact)."""
+    tensors = [x.detach().requires_grad_(grad) for x in state.tensors]
+    probe = _State(tensors, state.offset, state.anchor)
     B, C = problem.cand_valid.shape
     flat = problem.row_b * C + problem.row_c
-    total = torch.zeros(B * C, dtype=torch.float64, device=losses.device)
-    total = total.index_add(0, flat, -losses * problem.weight)
-    return total.view(B, C)
+    ll = torch.zeros(B * C, dtype=torch.float64, device=problem.start.device)
+    grads = [torch.zeros_like(x) for x in tensors] if grad else []
+    for rows in _chunks(int(problem.row_b.numel()), chunk_rows):
+        if rows.stop == rows.start:
+            break
+        batch = {k: v[rows] for k, v in problem.demo_batch.items()}
+        losses = _demo_losses(head, injector, batch, probe.demo_values(problem, rows), steps)
+        part = torch.zeros_like(ll).index_add(0, flat[rows], -losses * problem.weight[rows])
+        if grad:
+            objective = -(part.view(B, C) * problem.cand_valid).sum()
+            got = torch.autograd.grad(objective, tensors, allow_unused=True)
+            for acc, g in zip(grads, got, strict=True):
+                if g is not None:
+                    acc.add_(g)
+        ll = ll + part.detach()
+    return ll.view(B, C), grads
 
 
 def _predict(
-    head: nn.Module, injector: _Injector, batch: Batch, values: torch.Tensor
+    head: nn.Module,
+    injector: _Injector,
+    batch: Batch,
+    values: torch.Tensor,
+    chunk_rows: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The query's predictions int64 [B, A, S] and q_halt [B, A] under ``values`` [B, A, *X],
     each row scored at the step where it first halts (evaluation's rule)."""
     B, A = values.shape[:2]
     rows = torch.arange(B, device=values.device).repeat_interleave(A)
-    q_batch = {k: v[rows] for k, v in batch.items()}
-    injector.value = values.flatten(0, 1)
-    preds = q_halt = None
-    try:
-        with torch.no_grad():
-            for step in rollout(head, q_batch, ["q_halt_logits"]):
-                newly = step.newly_halted
-                p, q = step.out.outputs["preds"], step.out.outputs["q_halt_logits"]
-                preds = p.clone() if preds is None else torch.where(newly[:, None], p, preds)
-                q_halt = q.clone() if q_halt is None else torch.where(newly, q, q_halt)
-    finally:
-        injector.value = None
-    assert preds is not None and q_halt is not None
+    flat = values.flatten(0, 1)
+    all_preds, all_q = [], []
+    for part in _chunks(B * A, chunk_rows):
+        q_batch = {k: v[rows[part]] for k, v in batch.items()}
+        injector.value = flat[part]
+        preds = q_halt = None
+        try:
+            with torch.no_grad():
+                for step in rollout(head, q_batch, ["q_halt_logits"]):
+                    newly = step.newly_halted
+                    p, q = step.out.outputs["preds"], step.out.outputs["q_halt_logits"]
+                    preds = p.clone() if preds is None else torch.where(newly[:, None], p, preds)
+                    q_halt = q.clone() if q_halt is None else torch.where(newly, q, q_halt)
+        finally:
+            injector.value = None
+        assert preds is not None and q_halt is not None
+        all_preds.append(preds)
+        all_q.append(q_halt)
+    preds, q_halt = torch.cat(all_preds), torch.cat(all_q)
     return preds.long().view(B, A, -1), q_halt.float().view(B, A)
 
 
@@ -733,17 +775,7 @@ def _search(head: nn.Module, batch: Batch, config: TTOConfig) -> SearchOutput:
         optimizer = _Optimizer(config, state.tensors)
 
         def evaluate(current: _State, grad: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            tensors = [x.detach().requires_grad_(grad) for x in current.tensors]
-            probe = _State(tensors, current.offset, current.anchor)
-            losses = _demo_losses(head, injector, problem, probe.demo_values(problem), steps)
-            ll = _loglik(problem, losses)
-            if not grad:
-                return ll.detach(), []
-            objective = -(ll * problem.cand_valid).sum()
-            grads = torch.autograd.grad(objective, tensors, allow_unused=True)
-            return ll.detach(), [
-                torch.zeros_like(x) if g is None else g for x, g in zip(tensors, grads, strict=True)
-            ]
+            return _score(head, injector, problem, current, steps, grad, config.chunk_rows)
 
         ll: torch.Tensor | None = None
         grads: list[torch.Tensor] = []
@@ -773,7 +805,7 @@ def _search(head: nn.Module, batch: Batch, config: TTOConfig) -> SearchOutput:
         extra = values.dim() - 2
         values = torch.where(searched.view(-1, 1, *([1] * extra)), values, plain)
         with meter.count():
-            preds, q_halt = _predict(head, injector, batch, values)
+            preds, q_halt = _predict(head, injector, batch, values, config.chunk_rows)
     finally:
         injector.remove()
     nan = torch.tensor(math.nan, dtype=torch.float64, device=att_ll.device)

@@ -158,6 +158,45 @@ def test_demo_loss_falls_over_the_search() -> None:
     assert torch.equal(out.best_is_start, traj.argmax(1) == 0)
 
 
+def test_recursion_steps_choose_the_rollout_step_that_is_scored() -> None:
+    head = etrm_head()
+    batch = rule_batch(2, counts=[2, 1])
+    mask = batch["demo_mask"]
+    for recursion_steps in (None, 1, 3):  # 3 > halt_max_steps: slots still never restart
+        out = run(head, batch, steps=1, loo=False, recursion_steps=recursion_steps)
+        n = recursion_steps or TINY["halt_max_steps"]
+        for b in range(2):
+            valid = mask[b].nonzero()[:, 0].tolist()
+            losses = []
+            for i in valid:
+                row = {k: v[b : b + 1].clone() for k, v in batch.items()}
+                row["inputs"], row["labels"] = row["demo_inputs"][:, i], row["demo_labels"][:, i]
+                carry = head.initial_carry(row)
+                with torch.no_grad():
+                    for _ in range(n):
+                        step = head(carry=carry, batch=row)
+                        carry = step.new_carry
+                        carry.halted = torch.zeros_like(carry.halted)
+                losses.append(float(step.lm_loss_per_sample[0]))
+            start = float(out.loglik_trajectory[b, 0, 0])
+            assert start == pytest.approx(-sum(losses) / len(valid), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "encoder_type", [n for n in ENCODERS.names() if not ENCODERS.get(n).is_recurrent]
+)
+def test_every_encoder_is_searchable(encoder_type: str) -> None:
+    head = etrm_head(encoder_type=encoder_type, encoder_num_layers=1)
+    batch = rule_batch(2)
+    for variable in ("context", "latent", "offset"):
+        if variable == "latent" and encoder_type in ("standard", "hybrid_standard"):
+            with pytest.raises(ConfigError, match="variable=latent needs an encoder"):
+                run(head, batch, steps=1, variable=variable)
+            continue
+        traj = run(head, batch, steps=1, variable=variable).loglik_trajectory[:, 0]
+        assert bool(traj.isfinite().all()) and bool((traj[:, 1] != traj[:, 0]).all())
+
+
 # ----------------------------------------------------------------------------------------------
 # Leave-one-out
 # ----------------------------------------------------------------------------------------------
@@ -346,3 +385,6 @@ def test_trm_fresh_embedding_search_improves_the_demo_likelihood() -> None:
         assert float(out.loglik_start[b]) == pytest.approx(-sum(losses) / len(valid), abs=1e-5)
     with pytest.raises(ConfigError, match="fresh embedding row"):
         run(head, batch, steps=2, init="each_demo")
+    perturbed = run(head, batch, steps=1, init="perturbed", num_perturbed=2)
+    assert perturbed.loglik_trajectory.shape == (6, 3, 2)
+    torch.testing.assert_close(perturbed.loglik_trajectory[:, 0, 0], out.loglik_start)

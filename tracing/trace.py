@@ -1,0 +1,204 @@
+"""The trace command: every ACT step of a checkpoint's evaluation, written as a trace folder.
+
+    python -m tracing.trace checkpoint=checkpoints/run/step_1000 trace.groups=32 \\
+        trace.aug=identity trace.probe_l_steps=True trace.out=traces/ \\
+        trace.perturb="step=5,target=z_L,sigma_rel=0.5,seed=0"
+
+The checkpoint, data and model are resolved as ``evaluate.py`` resolves them (every one of its
+keys works here), the provenance guard included. Every traced (task, test input,
+augmentation) runs all ``halt_max_steps`` ACT steps; each perturbation adds a variant from the
+same carry; ``trace.perturb`` may be a list (a sweep). Writes ``trace.out``/``index.json``,
+``per_step.json`` and ``shard_NNNNN.jsonl`` (format ``trm-trace/v1``) and prints the per-step
+table; ``run_trace`` is the same for callers (``evaluate.py trace.enabled=True``). Under
+``torchrun`` each rank traces its rows and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from evaluate import guard, load_evaluate_config, resolve
+from evaluators.arc import ARC, ARCEvaluatorConfig
+from tracing.config import TraceConfig
+from tracing.per_step import StepVoting, format_table, per_step_results
+from tracing.record import inner_site, trace_batch
+from tracing.records import CLEAN, RowKey, TaskFrames, build_record
+from tracing.writer import order_records, write_trace
+from training.config import EvaluateConfig, PretrainConfig, check_world_size
+from training.data import create_dataloader, reads_demos
+from training.state import build_model
+from utils.checkpoint import load_model_weights
+from utils.config import ConfigError, lenient_overrides, validate_model
+from utils.distributed import (
+    CollectiveError,
+    DistInfo,
+    MainRankError,
+    cleanup,
+    collective_phase,
+    env_rank,
+    exit_now,
+    gather_objects,
+    init_distributed,
+)
+from utils.schema import UserError
+
+
+def config_hash(config: PretrainConfig) -> str:
+    """SHA-256 hex of the resolved run config as JSON with sorted keys."""
+    text = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _conditioner(config: PretrainConfig, head: torch.nn.Module) -> str:
+    if reads_demos(config):
+        return "encoder"
+    return "puzzle_embedding" if hasattr(inner_site(head), "puzzle_emb") else "none"
+
+
+def _select(
+    frames: TaskFrames,
+    batch: dict[str, torch.Tensor],
+    tasks: set[str] | None,
+    identity_only: bool,
+    seen: set[str],
+) -> list[RowKey | None]:
+    """Each batch row's record, None for rows not traced (blank, demonstration, outside the
+    groups, augmented under ``aug=identity``, or already traced)."""
+    ids = batch["puzzle_identifiers"].numpy()
+    inputs = batch["inputs"].numpy()
+    keys: list[RowKey | None] = []
+    for b in range(len(ids)):
+        row = frames.row_key(int(ids[b]), inputs[b])
+        if row is not None and (
+            (tasks is not None and row.task not in tasks)
+            or (identity_only and row.aug != "identity")
+            or row.key in seen
+        ):
+            row = None
+        if row is not None:
+            seen.add(row.key)
+        keys.append(row)
+    return keys
+
+
+def run_trace(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistInfo) -> dict[str, Any]:
+    """Trace the checkpoint of ``ecfg`` as ``trace`` says and write ``trace.out``.
+
+    Returns the per-step results (``per_step.json``'s object) on rank 0, {} on other ranks.
+    """
+    perturbations = trace.perturbations()
+    resolved = resolve(ecfg, dist_info.is_main)
+    config = resolved.config
+    check_world_size(config, dist_info.world_size)
+    contamination = guard(ecfg, resolved, dist_info.is_main)
+    demo_model = reads_demos(config)
+    if trace.groups is not None and demo_model:
+        config = config.model_copy(update={"max_eval_groups": trace.groups})
+    loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True)
+    head, _ = build_model(config, data, dist_info)
+    load_model_weights(head, resolved.weights, resize_puzzle_emb=False, source=ecfg.checkpoint)
+    head.eval()
+    base = ARC(
+        ARCEvaluatorConfig(pass_Ks=[1, 2], aggregated_voting=False),
+        data.config.dataset_paths,
+        data.identifier_offsets,
+    )
+    frames = TaskFrames.from_files(base.identifier_names, base.test_puzzles)
+    tasks = None
+    if trace.groups is not None and not demo_model:
+        tasks = set(frames.order[: trace.groups])
+    H = config.arch.halt_max_steps
+    for p in perturbations:
+        if p.step > H:
+            raise ConfigError(f"trace.perturb step={p.step}: the model runs {H} ACT steps")
+    voting = StepVoting(base, H)
+    records: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for _set_name, batch, _ in loader:
+        keys = _select(frames, batch, tasks, trace.aug == "identity", seen)
+        rows = [b for b, k in enumerate(keys) if k is not None]
+        if not rows:
+            continue  # no model call: the batches of untraced groups cost nothing
+        batch = {k: v.to(dist_info.device) for k, v in batch.items()}
+        rows_t = torch.tensor(rows, dtype=torch.long, device=dist_info.device)
+        record_keys = [None if k is None else k.key for k in keys]
+        traces = trace_batch(
+            head, batch, rows_t, record_keys, H, trace.probe_l_steps, perturbations
+        )
+        voting.update(batch, rows_t, traces[CLEAN])
+        by_tag = {p.tag: p for p in perturbations}
+        for r, b in enumerate(rows):
+            row = keys[b]
+            assert row is not None
+            for variant, steps in traces.items():
+                records.append(build_record(frames, row, r, steps, variant, by_tag.get(variant)))
+    voted = voting.result(group=dist_info.cpu_group)
+    gathered = gather_objects(records, group=dist_info.cpu_group)
+    if gathered is None or voted is None:
+        return {}
+    variants = [CLEAN, *(p.tag for p in perturbations)]
+    ordered = order_records([r for part in gathered for r in part], frames.order, variants)
+    per_step = per_step_results(ordered, H, voted, perturbations)
+    arch = config.arch
+    run = {
+        "checkpoint": ecfg.checkpoint,
+        "config_hash": config_hash(config),
+        "arch": arch.name,
+        "conditioner": _conditioner(config, head),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if contamination is not None:
+        run["provenance"] = contamination.summary()
+    dims = {"halt_max_steps": H, "H_cycles": arch.H_cycles, "L_cycles": arch.L_cycles}
+    write_trace(Path(trace.out), ordered, run, dims, perturbations, per_step, trace.shard_size)
+    return per_step
+
+
+def load_trace_config(cfg: DictConfig) -> tuple[EvaluateConfig, TraceConfig]:
+    """The evaluation keys and the ``trace`` section of a composed ``cfg_trace``."""
+    rest = cfg.copy()
+    with open_dict(rest):
+        section = rest.pop("trace", None)
+    data = OmegaConf.to_container(section, resolve=True) if section is not None else {}
+    trace = validate_model(TraceConfig, data, prefix="trace")
+    return load_evaluate_config(rest), trace
+
+
+@hydra.main(config_path="../config", config_name="cfg_trace", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        ecfg, trace = load_trace_config(cfg)
+        dist_info = init_distributed(ecfg.device)
+        try:
+            with collective_phase("trace", slow=True):
+                per_step = run_trace(ecfg, trace, dist_info)
+        finally:
+            cleanup()
+    except CollectiveError as e:
+        print(f"error: {e}", file=sys.stderr)
+        exit_now(3)
+    except (ConfigError, MainRankError) as e:
+        if env_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (UserError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if dist_info.is_main:
+        print(format_table(per_step))
+        print(f"trace written to {trace.out}")
+        print(json.dumps(per_step))
+
+
+if __name__ == "__main__":
+    sys.argv[1:] = lenient_overrides(sys.argv[1:])
+    main()

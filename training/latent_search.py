@@ -33,9 +33,10 @@ Decisions (each one is a rule of this module):
 
 * Demo scoring: each (row, candidate, valid demo) is one decoder row, run from a fresh carry
   for ``recursion_steps`` ACT steps (default ``halt_max_steps``, as evaluation runs) with
-  halting switched off, so a slot never restarts. The loss is the head's own token loss
-  (stablemax or softmax CE) of the last step's logits on the demo output, averaged over its
-  labelled tokens (``lm_loss`` per row, TRM's unit).
+  halting switched off, so a slot never restarts (with ``halt_at_eval`` too: a fixed step
+  keeps the objective the same function of the variable throughout). The loss is the head's
+  own token loss (stablemax or softmax CE) of the last step's logits on the demo output,
+  averaged over its labelled tokens (``lm_loss`` per row, TRM's unit).
 * Demo log-likelihood unit: the mean over a candidate's valid demos of each demo's mean
   per-token log-probability (nats per token; minus the mean ``lm_loss``). The objective is its
   negative summed over rows and candidates, so each variable gets its own gradient only.
@@ -69,6 +70,10 @@ Decisions (each one is a rule of this module):
   query and demos, so a row's search does not depend on the other rows of its batch.
 * Rows without any demo (padding) are not searched: their predictions are the plain ones and
   their likelihoods NaN.
+* Cost: ``seconds`` is the wall time of the whole call; ``flops`` counts (FlopCounterMode, the
+  matmul-class operations) the start's encodings, the first step (times ``steps``: every step
+  does the same work), the final scoring and the query rollouts. ``chunk_rows`` bounds the
+  decoder rows per forward; gradients accumulate over chunks exactly.
 * The weights are never changed: every parameter's ``requires_grad`` is switched off for the
   search and, with every module's train/eval mode, restored afterwards; a compiled or DDP
   wrapper is bypassed (the hooks need the eager module).
@@ -311,7 +316,6 @@ class _Problem:
     of the start (the unit of the perturbations).
     """
 
-    kind: str
     start: torch.Tensor
     base: torch.Tensor
     row_b: torch.Tensor
@@ -460,7 +464,6 @@ def _build_problem(head: nn.Module, batch: Batch, config: TTOConfig) -> tuple[_P
     else:
         base = starts[row_b, row_c]
     problem = _Problem(
-        kind=kind,
         start=starts.float().contiguous(),
         base=base.float().contiguous(),
         row_b=row_b,
@@ -782,10 +785,12 @@ def _search(head: nn.Module, batch: Batch, config: TTOConfig) -> SearchOutput:
         for t in range(config.steps + 1):
             last = t == config.steps
             if ll is None:
-                # Metered once: the first step stands for every step, plus the final scoring.
-                times = 1.0 if last else (float(config.steps) if t == 0 else 0.0)
+                # Metered once: the first gradient step stands for every one; the final
+                # scoring (and random search's only scoring, its start) counts once.
+                gradient = config.method == "gradient"
+                times = 1.0 if last or not gradient else (float(config.steps) if t == 0 else 0.0)
                 with meter.count(times):
-                    ll, grads = evaluate(state, config.method == "gradient" and not last)
+                    ll, grads = evaluate(state, gradient and not last)
             trajectory[:, :, t] = torch.where(problem.cand_valid, ll, math.nan)
             top.update(state.query_values(), ll, problem.cand_valid, t)
             if last:

@@ -40,10 +40,27 @@ def _grid(cells: list[int], h: int, w: int) -> str:
     return "|".join("".join(str(c) for c in cells[r * w : (r + 1) * w]) for r in range(h))
 
 
+def _canvas(h: int, w: int, rng: random.Random) -> list[int]:
+    """An ARC-looking grid: a black canvas with one to three filled rectangles."""
+    cells = [0] * (h * w)
+    for _ in range(rng.randint(1, 3)):
+        r0, c0 = rng.randrange(h), rng.randrange(w)
+        r1, c1 = rng.randint(r0, h - 1), rng.randint(c0, w - 1)
+        colour = rng.randint(1, 9)
+        for r in range(r0, r1 + 1):
+            cells[r * w + c0 : r * w + c1 + 1] = [colour] * (c1 - c0 + 1)
+    return cells
+
+
+def _recolour(cells: list[int]) -> list[int]:
+    """The synthetic task's rule: every colour c > 0 becomes c % 9 + 1."""
+    return [c % 9 + 1 if c else 0 for c in cells]
+
+
 def _wrong_counts(kind: int, n: int, H: int, rng: random.Random) -> list[int]:
     """Cells wrong at each ACT step: solved from a step on (0, 3), never solved (1), or solved at
     steps 3-5 and lost afterwards (2)."""
-    start = max(1, n // 2)
+    start = max(1, n // 3)
     if kind == 1:
         floor = rng.randint(1, max(1, n // 6))
         return [max(floor, round(start * (1 - t / 6))) for t in range(1, H + 1)]
@@ -69,9 +86,11 @@ def _perturbed_counts(clean: list[int], kind: int, n: int) -> list[int]:
 
 
 def _decode(target: list[int], perm: list[int], wrong: int) -> list[int]:
+    """``target`` with the cells ``perm[:wrong]`` wrong: a shape keeps its input colour (the rule
+    not yet applied), the background turns grey."""
     cells = list(target)
     for pos in perm[:wrong]:
-        cells[pos] = (cells[pos] + 1) % 10
+        cells[pos] = (cells[pos] - 2) % 9 + 1 if cells[pos] else 5
     return cells
 
 
@@ -183,15 +202,18 @@ def write_synthetic_trace(
     for p in range(n_puzzles):
         h, w = rng.randint(*sizes), rng.randint(*sizes)
         n = h * w
-        target = [rng.randrange(10) for _ in range(n)]
-        perm = rng.sample(range(n), n)
+        source = _canvas(h, w, rng)
+        target = _recolour(source)
+        # Shapes go wrong first, as a model copying the input before it recolours would.
+        shape = [i for i in range(n) if target[i]]
+        background = [i for i in range(n) if not target[i]]
+        perm = rng.sample(shape, len(shape)) + rng.sample(background, len(background))
         demos = []
         for _ in range(rng.randint(2, 3)):
             dh, dw = rng.randint(*sizes), rng.randint(*sizes)
-            a = [rng.randrange(10) for _ in range(dh * dw)]
-            b = [(c + 1) % 10 for c in a]
-            demos.append({"input": _grid(a, dh, dw), "output": _grid(b, dh, dw)})
-        inp = _grid([(c + 9) % 10 for c in target], h, w)
+            a = _canvas(dh, dw, rng)
+            demos.append({"input": _grid(a, dh, dw), "output": _grid(_recolour(a), dh, dw)})
+        inp = _grid(source, h, w)
         kind = p % 4
         counts = _wrong_counts(kind, n, H, rng)
         args = (demos, inp, target, (h, w))
@@ -318,6 +340,19 @@ def _error(folder: Path) -> str:
     with pytest.raises(DataError) as e:
         viewer.load_trace(folder)
     return str(e.value)
+
+
+@pytest.mark.parametrize("grid", ["", "0", "01|23", "012|345|678", "0|1|2", "0123456789"])
+def test_grid_accepted(grid: str) -> None:
+    viewer.check_grid(grid, "x")
+
+
+@pytest.mark.parametrize(
+    "grid", ["01|2", "0|12", "01|23|4", "0||1", "|", "01|2|345", "0|123|4|5", "0a", " 0", [[0]]]
+)
+def test_grid_refused(grid: Any) -> None:
+    with pytest.raises(DataError, match=r"^x: grid"):
+        viewer.check_grid(grid, "x")
 
 
 def test_valid_trace_loads_in_id_order(trace: Path) -> None:
@@ -483,6 +518,18 @@ def test_page_index_groups_variants(trace: Path) -> None:
     # Kind 1 (never solved clean) relaxes to the answer after the perturbation: recovered.
     assert [it["recovered"] for it in page["items"]] == [False, True, False, False, False, True]
     assert [it["solved_then_lost"] for it in page["items"]][:4] == [False, False, True, False]
+    p001 = page["items"][1]
+    assert p001["final_exact"] is False and p001["first_correct_step"] is None
+    assert p001["summaries"][PERTURB_TAG]["final_exact"] is True
+    assert p001["summaries"][PERTURB_TAG]["first_correct_step"] == PERTURB_STEP + 3
+    assert p001["summaries"]["clean"]["recovered"] is None
+
+
+def test_repeated_record_refused(trace: Path) -> None:
+    index = json.loads((trace / "index.json").read_text())
+    index["records"][3]["variant"] = "clean"
+    (trace / "index.json").write_text(json.dumps(index))
+    assert "records[3]: repeats records[2]" in _error(trace)
 
 
 def test_markup_in_strings_cannot_close_the_chunk(tmp_path: Path) -> None:
@@ -687,6 +734,10 @@ def test_page_in_chromium(
     assert _attr(browser, "current-grid", "grid") == perturbed_at_5 != clean_at_5
     assert _attr(browser, "clean-grid", "grid") == clean_at_5
     assert _by(browser, "clean-grid").is_displayed()
+    badges = _by(browser, "badges")
+    assert badges.get_attribute("data-variant") == PERTURB_TAG
+    shown_badges = [b.text for b in badges.find_elements("css selector", ".badge")]
+    assert shown_badges[0] == "solved" and "recovered from the clean run's miss" in shown_badges
     assert browser.find_element("id", "inject-mark").text == f"▲{PERTURB_STEP}"
     assert browser.find_elements("css selector", "#chart-halt line.inject")
     _set_slider(browser, PERTURB_STEP - 1)

@@ -23,6 +23,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dataset.common import DataError, run_cli
 from utils.atomic import write_text_atomically
 
@@ -72,7 +74,10 @@ def check_grid(value: Any, where: str) -> None:
         return
     if not _GRID_RE.fullmatch(value):
         raise _fail(where, f"grid {value[:40]!r} is not rows of digits joined by '|'")
-    if len({len(row) for row in value.split("|")}) != 1:
+    # Rows of equal width w put a "|" at every (w + 1)-th character and nowhere else.
+    w = value.find("|") if "|" in value else len(value)
+    pipes = value[w :: w + 1]
+    if (len(value) + 1) % (w + 1) or not pipes.count("|") == len(pipes) == value.count("|"):
         raise _fail(where, f"grid {value[:40]!r} has rows of different lengths")
 
 
@@ -94,6 +99,7 @@ def _check_index(index: Any, where: str) -> None:
         raise _fail(where, "'shards' must list file names inside the trace folder")
     _require(index, "perturbations", list, where)
     records = _require(index, "records", list, where)
+    seen: dict[tuple[Any, ...], int] = {}
     for i, entry in enumerate(records):
         at = f"{where} records[{i}]"
         if not isinstance(entry, dict):
@@ -106,6 +112,10 @@ def _check_index(index: Any, where: str) -> None:
         for key in ("puzzle_id", "aug", "variant"):
             _require(entry, key, str, at)
         _require(entry, "test_index", int, at)
+        key = (entry["puzzle_id"], entry["test_index"], entry["aug"], entry["variant"])
+        if key in seen:
+            raise _fail(at, f"repeats records[{seen[key]}] (same puzzle, test, aug and variant)")
+        seen[key] = i
     if "per_step" in index and not isinstance(index["per_step"], dict | None):
         raise _fail(where, "'per_step' must be an object")
 
@@ -219,28 +229,25 @@ class _GridTable:
     def __init__(self) -> None:
         self.entries: list[str | list[Any]] = []
         self._position: dict[str, int] = {}
-        self._last_by_shape: dict[tuple[int, int], tuple[int, str]] = {}
+        self._last_by_shape: dict[tuple[int, int], tuple[int, np.ndarray]] = {}
 
     def add(self, grid: str) -> int:
         if grid in self._position:
             return self._position[grid]
         rows = grid.split("|") if grid else []
         shape = (len(rows), len(rows[0]) if rows else 0)
-        flat = grid.replace("|", "")
+        cells = np.frombuffer(grid.replace("|", "").encode("ascii"), dtype=np.uint8) - ord("0")
         entry: str | list[Any] = grid
         base = self._last_by_shape.get(shape)
-        if base is not None and flat:
-            changes: list[int] = []
-            for cell, (old, new) in enumerate(zip(base[1], flat, strict=True)):
-                if old != new:
-                    changes += [cell, int(new)]
-            # Each change costs about two numbers and two commas against one digit per cell.
-            if len(changes) * 3 + 8 < len(grid):
-                entry = [base[0], changes]
+        if base is not None and cells.size:
+            changed = np.flatnonzero(cells != base[1])
+            # A change costs about six characters (cell, colour, two commas), a cell one.
+            if changed.size * 6 + 8 < len(grid):
+                entry = [base[0], np.stack([changed, cells[changed]], axis=1).ravel().tolist()]
         position = len(self.entries)
         self.entries.append(entry)
         self._position[grid] = position
-        self._last_by_shape[shape] = (position, flat)
+        self._last_by_shape[shape] = (position, cells)
         return position
 
 
@@ -280,8 +287,12 @@ def pack_record(record: dict[str, Any]) -> dict[str, Any]:
 
 def page_index(trace: Trace) -> dict[str, Any]:
     """The page's list data: run facts, per-step results and one item per (puzzle, test index,
-    augmentation) with the record id of each variant and the clean record's summary."""
+    augmentation): ``variants`` maps each variant tag to its record id (clean first, then the
+    perturbations in ``index.json``'s order), ``summaries`` each tag to that record's summary, and
+    the item's own summary fields, which the filters read, are the clean record's; ``recovered``
+    is whether any perturbed variant recovered (None without one)."""
     index = trace.index
+    rank = {p.get("tag"): i for i, p in enumerate(index["perturbations"])}
     items: dict[tuple[str, int, str], dict[str, Any]] = {}
     for entry in index["records"]:
         key = (entry["puzzle_id"], entry["test_index"], entry["aug"])
@@ -290,23 +301,22 @@ def page_index(trace: Trace) -> dict[str, Any]:
             {"puzzle_id": key[0], "test_index": key[1], "aug": key[2], "variants": {}},
         )
         item["variants"][entry["variant"]] = entry["id"]
-        if entry["variant"] == "clean" or "summary_from" not in item:
-            item["summary_from"] = entry["variant"]
-            for k in _SUMMARY_KEYS:
-                item[k] = entry.get(k)
-        if entry["variant"] != "clean" and entry.get("recovered") is not None:
-            item["recovered"] = bool(item.get("recovered")) or bool(entry["recovered"])
     ordered = sorted(items.values(), key=lambda it: (it["puzzle_id"], it["test_index"], it["aug"]))
     for item in ordered:
-        item.setdefault("recovered", None)
-        # A clean run lists first, then the perturbations in index.json's order.
-        tags = [p.get("tag") for p in index["perturbations"]]
         item["variants"] = dict(
             sorted(
                 item["variants"].items(),
-                key=lambda kv: (kv[0] != "clean", tags.index(kv[0]) if kv[0] in tags else 1e9),
+                key=lambda kv: (kv[0] != "clean", rank.get(kv[0], len(rank))),
             )
         )
+        item["summaries"] = {}
+        for tag, rid in item["variants"].items():
+            entry = index["records"][rid]
+            item["summaries"][tag] = {k: entry.get(k) for k in (*_SUMMARY_KEYS, "recovered")}
+        item.update(next(iter(item["summaries"].values())))
+        flags = [v["recovered"] for t, v in item["summaries"].items() if t != "clean"]
+        known = [bool(f) for f in flags if f is not None]
+        item["recovered"] = any(known) if known else None
     return {
         "folder": trace.folder.name,
         "run": index["run"],

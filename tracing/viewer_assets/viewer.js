@@ -232,22 +232,29 @@
     return b;
   }
 
+  function renderBadges(item) {
+    // The shown variant's own summary; the list and its filters use the clean run's.
+    const sum = item.summaries[state.variant];
+    const badges = $("badges");
+    badges.textContent = "";
+    const st = status(sum);
+    badges.append(
+      badge({ solved: "solved", unsolved: "unsolved", lost: "solved then lost", unknown: "no target" }[st],
+        { solved: "good", unsolved: "bad", lost: "warn" }[st]),
+      badge("first correct: " + (sum.first_correct_step ?? "never")),
+      badge("first halt: " + (sum.first_halt_step ?? "never")),
+    );
+    if (sum.recovered !== null && sum.recovered !== undefined) {
+      badges.append(badge(sum.recovered ? "recovered from the clean run's miss" : "not recovered", sum.recovered ? "good" : ""));
+    }
+    badges.dataset.variant = state.variant;
+  }
+
   function renderItem() {
     const item = ITEMS[state.item];
     const rec = currentRecord();
     $("puzzle-title").textContent = itemLabel(item);
-    const badges = $("badges");
-    badges.textContent = "";
-    const st = status(item);
-    badges.append(
-      badge({ solved: "solved", unsolved: "unsolved", lost: "solved then lost", unknown: "no target" }[st],
-        { solved: "good", unsolved: "bad", lost: "warn" }[st]),
-      badge("first correct: " + (item.first_correct_step ?? "never")),
-      badge("first halt: " + (item.first_halt_step ?? "never")),
-    );
-    if (item.recovered !== null && item.recovered !== undefined) {
-      badges.append(badge(item.recovered ? "perturbation recovered" : "not recovered", item.recovered ? "good" : ""));
-    }
+    renderBadges(item);
     const vbox = $("variants");
     vbox.textContent = "";
     for (const tag of Object.keys(item.variants)) {
@@ -345,7 +352,7 @@
     if (state.overlay !== "none") {
       if (!ref) info = "nothing to compare with";
       else if (mask === "shape") info = "shape differs from " + refName + " (" + ref.h + "×" + ref.w + ")";
-      else info = mask.count + " cells differ from " + refName + " (outlined)";
+      else info = mask.count + (mask.count === 1 ? " cell differs" : " cells differ") + " from " + refName + " (outlined)";
     }
     $("diff-info").textContent = info;
     const cleanBox = $("clean-box");
@@ -502,6 +509,7 @@
     state.variant = tag;
     state.sub = null;
     for (const b of $("variants").children) b.classList.toggle("active", b.dataset.variant === tag);
+    renderBadges(item);
     renderTicks(currentRecord());
     renderStep();
   }

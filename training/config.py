@@ -18,6 +18,7 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from evaluators.base import EVALUATOR_CONFIGS, EvaluatorConfig
 from models.arch_config import ARCH_CONFIGS, ArchConfig
+from training.latent_search import TTOConfig
 from training.objectives import (
     MODES,
     AggregatorConfig,
@@ -245,6 +246,11 @@ class EvaluateConfig(StrictModel):
         "(flagged in every result)",
     )
     device: str = Field("auto", description="auto (cuda → mps → cpu), cpu, cuda, cuda:N, mps")
+    tto: TTOConfig = Field(
+        default_factory=TTOConfig,
+        description="test-time latent search on each row's demos (training.latent_search); "
+        "off while tto.steps is 0",
+    )
 
 
 def check_world_size(config: PretrainConfig, world_size: int) -> int:

@@ -6,6 +6,19 @@ slot is scored at the step where it first halts: with the default (no halting at
 that is ``halt_max_steps`` for every slot, exactly upstream's final-step metrics; with
 ``halt_at_eval`` it is the slot's own halting step.
 
+With a ``SearchPlan`` whose config is enabled (``tto.steps > 0``), every batch is also searched
+after its plain rollout (``training.latent_search.search``): the search's ranked attempts feed
+the plan's evaluators (``evaluators.arc_tto.ARCSearch``: ``ARC-tto/pass@K`` beside the plain
+``ARC/pass@K`` of the same run), and the result gains, per test set, ``<set>/tto/exact_accuracy``
+(attempt 1 exact) and ``<set>/tto/exact_accuracy@2`` (either attempt exact) over the same rows as
+``<set>/exact_accuracy``, and over every searched row of every rank: ``tto/demo_loglik_start``
+and ``tto/demo_loglik_best`` (mean demo log-likelihood of the best start and of the best latent
+found), ``tto/best_is_start`` (fraction of rows whose best latent is a starting one),
+``tto/seconds_per_puzzle`` and ``tto/flops_per_puzzle`` (the search's wall time and FLOPs summed
+over ranks, divided by the rows searched; FLOPs absent when unknown), ``tto/puzzles`` (rows
+searched) and ``tto/steps``. A row is one augmented variant of one test pair. Without a plan,
+nothing of this runs and the results are exactly the plain evaluation's.
+
 On a strict-split evaluation set the result also carries the provenance guard's flag
 (``training.pretrained_decoder.Contamination.metrics``: ``provenance/contaminated_decoder`` 1
 when the weights were trained on demonstrations of its tasks and were evaluated anyway).
@@ -14,15 +27,17 @@ when the weights were trained on demonstrations of its tasks and were evaluated 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from dataset.common import IGNORE_LABEL_ID
 from evaluators.base import Evaluator
 from models.losses import sum_row_metrics
 from training.config import PretrainConfig
+from training.latent_search import SearchOutput, TTOConfig, search
 from training.rollout import rollout
 from training.state import TrainState
 from training.step import sum_over_ranks
@@ -35,6 +50,15 @@ Batch = dict[str, torch.Tensor]
 class EvalResult:
     metrics: dict[str, float]
     outputs: dict[str, torch.Tensor] | None  # saved per-example outputs (rank 0), test order
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Test-time latent search during an evaluation: its options and the evaluators of its
+    attempts (``evaluators.arc_tto.build_search_evaluators``)."""
+
+    config: TTOConfig
+    evaluators: Sequence[Evaluator] = field(default_factory=tuple)
 
 
 def _real_rows(global_effective: int, local_bs: int, rank: int) -> int:
@@ -73,9 +97,12 @@ def evaluate(
     evaluators: list[Evaluator],
     dist_info: DistInfo,
     save_path: Path | None,
+    search_plan: SearchPlan | None = None,
 ) -> EvalResult:
     """Roll out every test batch and score it; the evaluators' metrics are added (rank 0), and
-    the provenance flag of ``state.contamination`` when the guard applied."""
+    the provenance flag of ``state.contamination`` when the guard applied. With an enabled
+    ``search_plan``, each batch is searched too (the module docstring's metrics)."""
+    plan = search_plan if search_plan is not None and search_plan.config.enabled else None
     model = state.model
     model.eval()
     save_keys = list(config.eval_save_outputs)
@@ -83,7 +110,10 @@ def evaluate(
     for ev in evaluators:
         return_keys |= set(ev.required_outputs)
         ev.begin_eval()
+    for ev in plan.evaluators if plan is not None else ():
+        ev.begin_eval()
     sums: dict[str, dict[str, torch.Tensor]] = {}
+    search_sums: dict[str, torch.Tensor] = {}
     saved: list[dict[str, torch.Tensor]] = []
     local_bs = config.global_batch_size // dist_info.world_size
     with torch.inference_mode():
@@ -105,13 +135,21 @@ def evaluate(
                 n = _real_rows(int(global_effective), local_bs, dist_info.rank)
                 source = {**batch, **outputs}
                 saved.append({k: source[k][:n].cpu() for k in save_keys if k in source})
+            if plan is not None:
+                found = search(model, batch, plan.config)
+                _add_search(search_sums, set_name, batch, outputs, found)
+                attempts = _attempt_outputs(found)
+                for ev in plan.evaluators:
+                    ev.update_batch(batch, attempts)
 
     result: dict[str, float] = {}
     for set_name in sorted(sums):
         reduced = sum_over_ranks(sums[set_name], torch.float64)
         count = max(reduced.pop("count"), 1.0)
         result.update({f"{set_name}/{k}": v / count for k, v in reduced.items()})
-    for ev in evaluators:
+    if plan is not None:
+        result.update(_search_metrics(search_sums, plan.config))
+    for ev in [*evaluators, *(plan.evaluators if plan is not None else ())]:
         ev_metrics = ev.result(
             str(save_path) if save_path is not None else None, group=dist_info.cpu_group
         )
@@ -120,6 +158,73 @@ def evaluate(
     if state.contamination is not None:
         result.update(state.contamination.metrics())
     return EvalResult(result, _collect_outputs(saved, dist_info) if save_keys else None)
+
+
+def _attempt_outputs(found: SearchOutput) -> dict[str, torch.Tensor]:
+    """What the search's evaluators read: every attempt, and attempt 1 under the plain names."""
+    return {
+        "attempt_preds": found.preds,
+        "attempt_demo_loglik": found.demo_loglik,
+        "attempt_q_halt_logits": found.q_halt_logits,
+        "preds": found.preds[:, 0],
+        "q_halt_logits": found.q_halt_logits[:, 0],
+    }
+
+
+def _add_search(
+    sums: dict[str, torch.Tensor],
+    set_name: str,
+    batch: Batch,
+    outputs: dict[str, torch.Tensor],
+    found: SearchOutput,
+) -> None:
+    """Add one batch's search sums to ``sums`` (float64 scalars, on the batch's device)."""
+    device = batch["inputs"].device
+    labels_BS = batch["labels"]
+    valid_BS = labels_BS != IGNORE_LABEL_ID
+    # The plain metrics' rows: halted (every row, at evaluation without halting) with labels.
+    counted_B = valid_BS.any(dim=-1)
+    exact_BA = ((found.preds == labels_BS[:, None]) | ~valid_BS[:, None]).all(dim=-1)
+    searched_B = found.searched
+    per_set = {
+        "count": counted_B.sum(),
+        "exact_accuracy": (counted_B & exact_BA[:, 0]).sum(),
+        "exact_accuracy@2": (counted_B & exact_BA[:, :2].any(dim=-1)).sum(),
+    }
+    overall = {
+        "puzzles": searched_B.sum(),
+        "demo_loglik_start": torch.where(searched_B, found.loglik_start, 0).sum(),
+        "demo_loglik_best": torch.where(searched_B, found.demo_loglik[:, 0], 0).sum(),
+        "best_is_start": (searched_B & found.best_is_start).sum(),
+        "seconds": torch.tensor(found.seconds),
+        "flops": torch.tensor(found.flops if found.flops is not None else 0.0),
+        "flops_unknown": torch.tensor(float(found.flops is None)),
+    }
+    named = {**{f"{set_name}/{k}": v for k, v in per_set.items()}, **overall}
+    for key, value in named.items():
+        value = value.to(device=device, dtype=torch.float64)
+        sums[key] = sums[key] + value if key in sums else value
+
+
+def _search_metrics(sums: dict[str, torch.Tensor], config: TTOConfig) -> dict[str, float]:
+    """The search's sums over ranks turned into the module docstring's metrics."""
+    reduced = sum_over_ranks(sums, torch.float64) if sums else {}
+    metrics: dict[str, float] = {}
+    for key in sorted(k for k in reduced if k.endswith("/count")):
+        set_name = key.rsplit("/", 1)[0]
+        count = max(reduced[key], 1.0)
+        for name in ("exact_accuracy", "exact_accuracy@2"):
+            metrics[f"{set_name}/tto/{name}"] = reduced[f"{set_name}/{name}"] / count
+    puzzles = reduced.get("puzzles", 0.0)
+    per = max(puzzles, 1.0)
+    metrics["tto/puzzles"] = puzzles
+    metrics["tto/steps"] = float(config.steps)
+    for name in ("demo_loglik_start", "demo_loglik_best", "best_is_start"):
+        metrics[f"tto/{name}"] = reduced.get(name, 0.0) / per
+    metrics["tto/seconds_per_puzzle"] = reduced.get("seconds", 0.0) / per
+    if reduced.get("flops_unknown", 0.0) == 0.0:
+        metrics["tto/flops_per_puzzle"] = reduced.get("flops", 0.0) / per
+    return metrics
 
 
 def _collect_outputs(

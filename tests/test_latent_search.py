@@ -156,6 +156,22 @@ def test_demo_loss_falls_over_the_search() -> None:
     assert (out.demo_loglik[:, 1] <= out.demo_loglik[:, 0]).all()
     torch.testing.assert_close(out.loglik_start, traj[:, 0])
     assert torch.equal(out.best_is_start, traj.argmax(1) == 0)
+    # Every gradient step moves the context, so the second attempt is the second-best step.
+    torch.testing.assert_close(out.demo_loglik[:, 1], traj.sort(1).values[:, -2])
+
+
+def test_the_second_attempt_is_a_distinct_point() -> None:
+    """Random search keeps a candidate's point until a draw beats it: the trajectory repeats
+    points, and the second attempt must be the best value below the first, not a repeat."""
+    out = run(etrm_head(), rule_batch(8), steps=6, method="random_search", num_perturbed=2)
+    traj = out.loglik_trajectory[:, 0, :]
+    assert bool((traj[:, 1:] == traj[:, :-1]).any())  # some steps kept their point
+    for b in range(8):
+        values = traj[b].unique(sorted=True)
+        assert float(out.demo_loglik[b, 0]) == pytest.approx(float(values[-1]), abs=1e-6)
+        second = values[-2] if len(values) > 1 else values[-1]
+        assert float(out.demo_loglik[b, 1]) == pytest.approx(float(second), abs=1e-6)
+    assert bool((out.demo_loglik[:, 1] < out.demo_loglik[:, 0]).any())
 
 
 def test_recursion_steps_choose_the_rollout_step_that_is_scored() -> None:
@@ -200,21 +216,31 @@ def test_every_encoder_is_searchable(encoder_type: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Leave-one-out
 # ----------------------------------------------------------------------------------------------
-def test_leave_one_out_scores_each_demo_without_it() -> None:
+@pytest.mark.parametrize(
+    ("variable", "init"), [("context", "mean"), ("latent", "each_demo"), ("offset", "mean")]
+)
+def test_leave_one_out_scores_each_demo_without_it(variable: str, init: str) -> None:
+    """On the real ETRM model: demo i of candidate c is scored as the model scores it with the
+    demo set S_c minus i (S_c = every demo, or demo c alone for each_demo)."""
     head = etrm_head()
     batch = rule_batch(6)
-    loo = run(head, batch, steps=1, loo=True).loglik_trajectory[:, 0, 0]
-    seen = run(head, batch, steps=1, loo=False).loglik_trajectory[:, 0, 0]
+    options = {"steps": 1, "variable": variable, "init": init}
+    loo = run(head, batch, loo=True, **options).loglik_trajectory[..., 0]
+    seen = run(head, batch, loo=False, **options).loglik_trajectory[..., 0]
     mask = batch["demo_mask"]
     for b in range(6):
         valid = mask[b].nonzero().squeeze(1).tolist()
-        without = [
-            plain_demo_loss(head, batch, b, i, mask[b] & (torch.arange(K) != i)) for i in valid
-        ]
-        withit = [plain_demo_loss(head, batch, b, i, mask[b]) for i in valid]
-        assert float(loo[b]) == pytest.approx(-sum(without) / len(valid), abs=1e-5)
-        assert float(seen[b]) == pytest.approx(-sum(withit) / len(valid), abs=1e-5)
-    assert not torch.allclose(loo, seen)
+        sets = [valid] if init == "mean" else [[k] for k in valid]
+        for c, members in enumerate(sets):
+            in_set = torch.zeros(K, dtype=torch.bool)
+            in_set[members] = True
+            without = [plain_demo_loss(head, batch, b, i, in_set & (torch.arange(K) != i))
+                       for i in valid]  # fmt: skip
+            withit = [plain_demo_loss(head, batch, b, i, in_set) for i in valid]
+            assert float(loo[b, c]) == pytest.approx(-sum(without) / len(valid), abs=1e-5)
+            assert float(seen[b, c]) == pytest.approx(-sum(withit) / len(valid), abs=1e-5)
+    valid = ~loo.isnan()
+    assert not torch.allclose(loo[valid], seen[valid])
 
 
 class CopyEncoder(DemoEncoder):

@@ -10,6 +10,7 @@ hand-made augmented puzzle, with the transforms written out independently.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -494,3 +495,112 @@ def test_trace_overhead_benchmark_prints_its_json_line(
         assert last[key] > 0
     ratio = last["trace_s"] / last["eval_s"]
     assert last["trace_vs_eval_time"] == pytest.approx(ratio, rel=1e-2)
+
+
+def test_step_voting_scores_each_step_as_the_arc_evaluator(tmp_path: Path) -> None:
+    """Hand-made votes: task A (identity and one augmented copy) is wrong at step 1, split at
+    step 2 (the identity copy right with the higher q, so it wins the tie), right at step 3;
+    task B is never solved. pass@K averages the tasks: 0, 0.5, 0.5. The rows halt at step 1,
+    so the first-halt answers are step 1's."""
+    from evaluators.arc import ARC, ARCEvaluatorConfig
+    from tracing.per_step import StepVoting
+
+    grid_a, out_a = np.array([[1, 2]]), np.array([[3], [4]])
+    grid_b, out_b = np.array([[5]]), np.array([[6, 6]])
+    perm = np.array([0, 2, 1, 3, 4, 5, 6, 7, 8, 9])  # swap colours 1 and 2; transform t0
+    names = ["<blank>", "A", f"A{SEP}t0{SEP}{''.join(map(str, perm))}", "B"]
+    puzzles = {
+        "A": {"train": [], "test": [{"input": grid_a.tolist(), "output": out_a.tolist()}]},
+        "B": {"train": [], "test": [{"input": grid_b.tolist(), "output": out_b.tolist()}]},
+    }
+    (tmp_path / "identifiers.json").write_text(json.dumps(names))
+    (tmp_path / "test_puzzles.json").write_text(json.dumps(puzzles))
+    base = ARC(ARCEvaluatorConfig(pass_Ks=[1, 2], aggregated_voting=False), [str(tmp_path)], [0])
+    inputs = np.stack([_canvas(grid_a), _canvas(perm[grid_a]), _canvas(grid_b), _canvas(grid_b)])
+    batch = {
+        "inputs": torch.from_numpy(inputs).to(torch.int32),
+        "puzzle_identifiers": torch.tensor([1, 2, 3, 3], dtype=torch.int32),
+    }
+    wrong = _canvas(np.array([[0]]))
+    right_id, right_aug = _canvas(out_a), _canvas(perm[out_a])
+    right_b = _canvas(out_b)  # only in row 3, which is not traced: it must not vote
+    step_preds = [
+        [wrong, wrong, wrong, right_b],
+        [right_id, wrong, wrong, right_b],
+        [right_id, right_aug, wrong, right_b],
+    ]
+    q = torch.tensor([1.0, 0.0, 0.0, 0.0])
+
+    def cap(preds: list[np.ndarray]) -> StepCapture:
+        full = torch.from_numpy(np.stack(preds)).to(torch.int32)
+        return StepCapture(
+            preds=full[:3].numpy(), q_halt=q[:3].numpy(), q_continue=np.zeros(3),
+            would_halt=np.ones(3, bool), token_acc=np.ones(3), has_labels=np.ones(3, bool),
+            h_cos_dist=np.zeros(3), l_cos_dist=np.zeros(3), dz_rel_h=np.zeros(3),
+            dz_rel_l=np.zeros(3), h_cycles=[], full_preds=full, full_q_halt=q,
+        )  # fmt: skip
+
+    voting = StepVoting(base, 3)
+    voting.update(batch, torch.tensor([0, 1, 2]), [cap(p) for p in step_preds])
+    got = voting.result()
+    assert got == {
+        "pass@1_by_step": [0.0, 0.5, 0.5],
+        "pass@2_by_step": [0.0, 0.5, 0.5],
+        "first_halt": {"pass@1": 0.0, "pass@2": 0.0},
+    }
+    # The split step with the q ranking reversed: the wrong answer wins pass@1, not pass@2.
+    voting = StepVoting(base, 3)
+    flipped = [cap(p) for p in step_preds]
+    flipped = [replace(c, full_q_halt=torch.tensor([0.0, 1.0, 0.0, 0.0])) for c in flipped]
+    voting.update(batch, torch.tensor([0, 1, 2]), flipped)
+    got = voting.result()
+    assert got is not None
+    assert (got["pass@1_by_step"], got["pass@2_by_step"]) == ([0.0, 0.0, 0.5], [0.0, 0.5, 0.5])
+
+
+# ----------------------------------------------------------------------------------------------
+# Several ranks
+# ----------------------------------------------------------------------------------------------
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_gloo_ranks_write_the_one_rank_trace(
+    checkpoint: Path, traced: Path, tmp_path: Path
+) -> None:
+    """``python -m tracing.trace`` under torchrun with 2 ranks (half the batch each) writes the
+    records of one process, in the same order (floats to 1e-4: other batch shapes round
+    differently), and rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    specs = ",".join(f'"{s}"' for s in PERTURB)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "tracing.trace", f"checkpoint={checkpoint}", "evaluators=[{name: arc}]",
+           f"output_dir={tmp_path / 'eval'}", "device=cpu", "trace.aug=all",
+           "trace.probe_l_steps=True", "trace.shard_size=7", f"trace.out={out}",
+           f"trace.perturb=[{specs}]"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _records(traced), _records(out)
+    assert [(r["puzzle_id"], r["aug"], r["variant"]) for r in one] == [
+        (r["puzzle_id"], r["aug"], r["variant"]) for r in two
+    ]
+    for a, b in zip(one, two, strict=True):
+        assert _close(a, b), (a["puzzle_id"], a["aug"], a["variant"])
+    index_one = json.loads((traced / "index.json").read_text())
+    index_two = json.loads((out / "index.json").read_text())
+    assert _close(index_one["per_step"], index_two["per_step"])
+    assert index_one["records"] == index_two["records"]

@@ -38,34 +38,38 @@ class Perturbation:
         }
 
 
-def parse_perturbation(spec: str) -> Perturbation:
+def parse_perturbation(spec: str, named: bool = True) -> Perturbation:
     """``"step=5,target=z_L,sigma_rel=0.5,seed=0"`` → ``Perturbation``; ``ConfigError`` naming
-    the field otherwise. ``target`` defaults to z_L, ``seed`` to 0; ``step`` and ``sigma_rel``
-    are required."""
-    where = f"trace.perturb '{spec}'"
+    the field otherwise (prefixed with ``trace.perturb`` and the spec when ``named``; the
+    config validation adds them itself). ``target`` defaults to z_L, ``seed`` to 0; ``step``
+    and ``sigma_rel`` are required."""
+
+    def error(message: str) -> ConfigError:
+        return ConfigError(f"trace.perturb '{spec}': {message}" if named else message)
+
     fields: dict[str, str] = {}
     for part in (p.strip() for p in spec.split(",")):
         key, sep, value = part.partition("=")
         key = key.strip()
         if not sep or key not in ("step", "target", "sigma_rel", "seed") or key in fields:
-            raise ConfigError(
-                f"{where}: '{part}' is not one of step=N, target=z_H|z_L|injection, "
-                "sigma_rel=X, seed=N (each once, comma-separated)"
+            raise error(
+                f"'{part}' is not one of step=N, target=z_H|z_L|injection, sigma_rel=X, seed=N "
+                "(each once, comma-separated)"
             )
         fields[key] = value.strip()
     missing = [k for k in ("step", "sigma_rel") if k not in fields]
     if missing:
-        raise ConfigError(f"{where}: give {' and '.join(missing)} (e.g. step=5,sigma_rel=0.5)")
+        raise error(f"give {' and '.join(missing)} (e.g. step=5,sigma_rel=0.5)")
     target = fields.get("target", "z_L")
     if target not in TARGETS:
-        raise ConfigError(f"{where}: target must be one of {', '.join(TARGETS)}, got '{target}'")
+        raise error(f"target must be one of {', '.join(TARGETS)}, got '{target}'")
     try:
         step, seed = int(fields["step"]), int(fields.get("seed", "0"))
         sigma = float(fields["sigma_rel"])
     except ValueError:
-        raise ConfigError(f"{where}: step and seed must be integers, sigma_rel a number") from None
+        raise error("step and seed must be integers, sigma_rel a number") from None
     if step < 1 or sigma < 0 or not sigma == sigma:
-        raise ConfigError(f"{where}: step must be >= 1 and sigma_rel >= 0")
+        raise error("step must be >= 1 and sigma_rel >= 0")
     return Perturbation(step=step, target=target, sigma_rel=sigma, seed=seed)
 
 
@@ -101,9 +105,9 @@ class TraceConfig(StrictModel):
     @field_validator("perturb")
     @classmethod
     def _parse(cls, value: list[str]) -> list[str]:
-        tags = [parse_perturbation(spec).tag for spec in value]
+        tags = [parse_perturbation(spec, named=False).tag for spec in value]
         if len(set(tags)) != len(tags):
-            raise ConfigError(f"trace.perturb: the same perturbation is given twice in {value}")
+            raise ConfigError("the same perturbation is given twice; give each once")
         return value
 
     def perturbations(self) -> list[Perturbation]:

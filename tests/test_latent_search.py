@@ -389,6 +389,10 @@ def test_weights_flags_and_modes_are_restored() -> None:
         plain_after = list(rollout(head, batch))[-1].out.outputs["preds"]
     assert torch.equal(plain_after, plain_before)
     assert out.preds.shape == (4, 2, DIMS.seq_len) and out.preds.dtype == torch.int64
+    # A compiled head is searched through its eager module (the hooks need it), to the same end.
+    compiled = run(torch.compile(head), batch, steps=3)
+    assert torch.equal(compiled.preds, out.preds)
+    torch.testing.assert_close(compiled.loglik_trajectory, out.loglik_trajectory)
 
 
 # ----------------------------------------------------------------------------------------------

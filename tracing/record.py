@@ -133,7 +133,7 @@ def _step(
     new_carry = out.new_carry
     q_halt_B = out.outputs["q_halt_logits"].to(torch.float32)
     q_cont_B = out.outputs["q_continue_logits"].to(torch.float32)
-    would_halt_B = act_model._halt_signal(q_halt_B, q_cont_B)
+    would_halt_B = act_model.halt_signal(q_halt_B, q_cont_B)
     h_names, l_names = _latent_groups(site)
     P = site.puzzle_emb_len
     h_now = _flat(new_carry.inner_carry, h_names, rows, P)

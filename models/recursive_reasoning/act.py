@@ -95,7 +95,10 @@ class ACTModel(nn.Module):
             current_data={k: torch.empty_like(v) for k, v in batch.items()},
         )
 
-    def _halt_signal(self, q_halt: torch.Tensor, q_continue: torch.Tensor) -> torch.Tensor:
+    def halt_signal(self, q_halt: torch.Tensor, q_continue: torch.Tensor) -> torch.Tensor:
+        """Whether the Q head says halt [B]: ``q_halt > 0``, or ``q_halt > q_continue`` when the
+        model has a continue logit (what halting decides, before the step cap and exploration;
+        tracing records it beside the steps it runs anyway)."""
         return q_halt > 0 if self.no_ACT_continue else q_halt > q_continue
 
     def _explore(
@@ -129,13 +132,13 @@ class ACTModel(nn.Module):
         is_last_step = steps >= self.config.halt_max_steps
         halted = is_last_step
         if self.training and self.config.halt_max_steps > 1:
-            halted = self._explore(steps, halted | self._halt_signal(q_halt, q_continue), q_halt)
+            halted = self._explore(steps, halted | self.halt_signal(q_halt, q_continue), q_halt)
             if self.computes_target_q():
                 outputs["target_q_continue"] = self._target_q(
                     is_last_step, inner_carry, current_data
                 )
         elif not self.training and self.config.halt_at_eval:
-            halted = halted | self._halt_signal(q_halt, q_continue)
+            halted = halted | self.halt_signal(q_halt, q_continue)
         return halted
 
     def step_outputs(self, inner_carry: InnerCarry, inner_output: InnerOutput) -> dict[str, Any]:

@@ -5,6 +5,11 @@ only the rows of the current batch get a gradient, through a batch-sized leaf te
 ``local_weights``, and ``CastedSparseEmbeddingSignSGD_Distributed`` writes the update back into
 those rows only. Adam would keep two dense moments for the whole table; with such sparse
 gradients Adam behaves like sign descent anyway, so sign-SGD is used instead.
+
+Gradient accumulation: each micro-batch looks up other puzzles, so ``local_weights`` and
+``local_ids`` hold only the current one's. ``keep_micro_batch`` sets a micro-batch's (ids,
+gradient rows) aside before the next forward overwrites them; the step applies sign-SGD once to
+the union of every kept micro-batch and the current one, the rows of one id summed first.
 """
 
 from __future__ import annotations
@@ -97,9 +102,10 @@ class CastedSparseEmbedding(nn.Module):
 def gather_ids_and_grads(
     local_weights_grad: Tensor, local_ids: Tensor, world_size: int
 ) -> tuple[Tensor, Tensor]:
-    """Concatenate every rank's gradients [B, D] and ids [B] in rank order.
+    """Concatenate every rank's gradients [N, D] and ids [N] in rank order (N the same on
+    every rank: the local batch times the micro-batches kept).
 
-    Returns ``(grads [world_size·B, D], ids [world_size·B])``; the inputs themselves when
+    Returns ``(grads [world_size·N, D], ids [world_size·N])``; the inputs themselves when
     ``world_size == 1``. Collective over the default process group otherwise.
     """
     if world_size == 1:
@@ -149,6 +155,10 @@ class CastedSparseEmbeddingSignSGD_Distributed(torch.optim.Optimizer):
     2-D one the table. ``step`` gathers every rank's gradients and ids (``world_size > 1``), sums
     the gradients per id and applies ``_sparse_emb_sign_sgd``; it does nothing when there is no
     gradient. ``lr`` is read from the group at each step (the schedule sets it).
+
+    ``keep_micro_batch`` (gradient accumulation) moves the current (ids [B], gradients [B, D])
+    aside; the next ``step`` uses every kept pair with the current one, and ``zero_grad`` drops
+    them. Kept pairs are never part of ``state_dict`` (checkpoints fall between steps).
     """
 
     def __init__(
@@ -170,11 +180,30 @@ class CastedSparseEmbeddingSignSGD_Distributed(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         for group in self.param_groups:
             self._split_group(group)
+        # Per param group: the (ids [B], gradients [B, D]) of the window's earlier micro-batches.
+        self._kept: list[list[tuple[Tensor, Tensor]]] = [[] for _ in self.param_groups]
+
+    @torch.no_grad()
+    def keep_micro_batch(self) -> None:
+        """Set the current micro-batch's ids and gradient rows aside for the next ``step`` and
+        clear the gradient, so the next micro-batch's rows start from zero."""
+        for group, kept in zip(self.param_groups, self._kept, strict=True):
+            local_weights, local_ids, _ = self._split_group(group)
+            if local_weights.grad is None:
+                continue
+            kept.append((local_ids.clone(), local_weights.grad.clone()))
+            local_weights.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradient and the kept micro-batches."""
+        super().zero_grad(set_to_none=set_to_none)
+        for kept in self._kept:
+            kept.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        # torch.optim.Optimizer pickles only defaults/state/param_groups; keep world_size too
-        # (deepcopy and DataLoader workers pickle the optimizer).
-        return {**super().__getstate__(), "world_size": self.world_size}
+        # torch.optim.Optimizer pickles only defaults/state/param_groups; keep world_size and
+        # the kept micro-batches too (deepcopy and DataLoader workers pickle the optimizer).
+        return {**super().__getstate__(), "world_size": self.world_size, "_kept": self._kept}
 
     @staticmethod
     def _split_group(group: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
@@ -200,11 +229,17 @@ class CastedSparseEmbeddingSignSGD_Distributed(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group, kept in zip(self.param_groups, self._kept, strict=True):
             local_weights, local_ids, weights = self._split_group(group)
-            if local_weights.grad is None:
+            pairs = list(kept)
+            if local_weights.grad is not None:
+                pairs.append((local_ids, local_weights.grad))
+            kept.clear()
+            if not pairs:
                 continue
-            grads, ids = gather_ids_and_grads(local_weights.grad, local_ids, self.world_size)
+            local_grads = torch.cat([g for _, g in pairs]) if len(pairs) > 1 else pairs[0][1]
+            every_id = torch.cat([i for i, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
+            grads, ids = gather_ids_and_grads(local_grads, every_id, self.world_size)
             _sparse_emb_sign_sgd(
                 grads, ids, weights, lr=float(group["lr"]), weight_decay=group["weight_decay"]
             )

@@ -182,6 +182,24 @@ class PretrainConfig(StrictModel):
     aggregator: AggregatorConfig = Field(
         default_factory=AggregatorConfig, description="TorchJD aggregator of the objectives"
     )
+    # Gradient accumulation (the JD fork's keys): k micro-batches of global_batch_size per
+    # optimizer step. Absent from the YAML, as in the fork, so +effective_batch_size=... works.
+    effective_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="examples per optimizer step over all processes and micro-batches (a "
+        "multiple of global_batch_size); None: global_batch_size",
+    )
+    grad_accum_steps: int | None = Field(
+        None,
+        ge=1,
+        description="micro-batches per optimizer step (None: from effective_batch_size, else 1)",
+    )
+    ema_every: Literal["auto", "micro", "update"] = Field(
+        "auto",
+        description="EMA update after every micro-batch (the fork) or every optimizer step; "
+        "auto: micro when effective_batch_size is given, else update",
+    )
 
     @field_validator("grad_clip_norm")
     @classmethod
@@ -202,6 +220,19 @@ class PretrainConfig(StrictModel):
                 "resume=auto needs a fixed run folder: give +run_name=... or +checkpoint_path=... "
                 "(the default run name is random)"
             )
+        if self.effective_batch_size is not None:
+            if self.effective_batch_size % self.global_batch_size != 0:
+                raise ValueError(
+                    f"effective_batch_size ({self.effective_batch_size}) must be a multiple of "
+                    f"global_batch_size ({self.global_batch_size}); change one of them"
+                )
+            implied = self.effective_batch_size // self.global_batch_size
+            if self.grad_accum_steps is not None and self.grad_accum_steps != implied:
+                raise ValueError(
+                    f"grad_accum_steps ({self.grad_accum_steps}) and effective_batch_size "
+                    f"({self.effective_batch_size} = {implied} x global_batch_size "
+                    f"{self.global_batch_size}) disagree; give one of them"
+                )
         if self.freeze_decoder_steps and not self.objective.is_gradient_descent:
             raise ValueError(
                 f"freeze_decoder_steps trains with the summed loss only; use objective=sum with "
@@ -217,6 +248,25 @@ class PretrainConfig(StrictModel):
     @property
     def epochs_per_iteration(self) -> int:
         return self.eval_interval or self.epochs
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step: ``grad_accum_steps``, else
+        ``effective_batch_size // global_batch_size`` (the validator makes them agree when both
+        are given), else 1."""
+        if self.grad_accum_steps is not None:
+            return self.grad_accum_steps
+        if self.effective_batch_size is not None:
+            return self.effective_batch_size // self.global_batch_size
+        return 1
+
+    @property
+    def ema_per_micro_batch(self) -> bool:
+        """Whether the EMA shadow follows every micro-batch (``ema_every``; ``auto`` does when
+        the fork's ``effective_batch_size`` is given, as the fork does)."""
+        if self.ema_every == "auto":
+            return self.effective_batch_size is not None
+        return self.ema_every == "micro"
 
 
 class EvaluateConfig(StrictModel):

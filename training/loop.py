@@ -11,6 +11,14 @@ per batch (ETRM-FCT) gets each batch N times, ``step`` counts optimizer steps (t
 length is N × the batches), and a checkpoint between two of a batch's steps resumes with the
 same batch and its remaining steps.
 
+Gradient accumulation (k micro-batches per optimizer step, ``training.step``): each loader
+batch is one micro-batch and ``step`` counts optimizer steps (the schedule's length is the
+batches // k). Windows of k batches start at each iteration's first batch; the last
+``batches % k`` batches of an iteration, too few for a step, are drawn and not trained on, so
+every evaluation and every checkpoint falls between optimizer steps. A checkpoint is therefore
+never taken inside a window: ``checkpoint_every_steps``, ``max_steps`` and a stop signal act
+at the next window's end, and resuming continues bit-identically.
+
 SIGTERM or SIGINT (``training.preemption``) ends the run after the current step or evaluation,
 on every rank at the same step, with a checkpoint that ``resume=auto`` continues from
 bit-identically; ``InterruptedRunError`` says where it is.
@@ -98,10 +106,10 @@ def run_training(
         if evaluators_factory is not None:
             evaluators = evaluators_factory(eval_data)
 
+    # The schedule counts optimizer steps (N per batch for fixed computation time, one per k
+    # batches with gradient accumulation: training.state.schedule_length).
     state = create_train_state(config, train_data, dist_info)
     assert state.strategy is not None
-    # The schedule counts optimizer steps, N per batch for fixed computation time.
-    state.total_steps = state.strategy.updates_per_batch * train_data.total_steps(config.epochs)
     if dist_info.is_main and config.log_predictions_every is not None:
         print("note: log_predictions_every is accepted for ETRM's command lines and logs nothing")
     if dist_info.is_main:
@@ -182,8 +190,8 @@ class _Run:
 def _step(
     run: _Run, batch: dict[str, torch.Tensor], logger: RunLogger, signals: StopSignals
 ) -> StepResult:
-    """One optimizer step; rank 0 logs the metrics of a batch's last step (ETRM-FCT's are those
-    of the last of its N) and of every skipped one."""
+    """One optimizer step, or one micro-batch of one; rank 0 logs the metrics of a batch's last
+    step (ETRM-FCT's are those of the last of its N) and of every skipped one."""
     config, dist_info, state = run.config, run.dist_info, run.state
     # Slow: the first step compiles, and after an evaluation or a checkpoint the other ranks
     # wait here while rank 0 finishes writing.
@@ -215,26 +223,33 @@ def _train(
     config, dist_info, state, train_data = run.config, run.dist_info, run.state, run.train_data
     eval_metrics: dict[str, float] = {}
     stop = False
+    k = state.accumulation_steps
     for iteration in range(state.iteration, config.iterations):
         state.model.train()
         started, examples = time.perf_counter(), 0
         # A checkpoint taken after an iteration's last batch (before its evaluation) resumes
         # straight into that evaluation; the data position already points at the next one.
-        finished = 0 < train_data.num_batches(iteration) <= state.batches_in_iteration
+        num_batches = train_data.num_batches(iteration)
+        finished = 0 < num_batches <= state.batches_in_iteration
+        trained = num_batches - num_batches % k  # batches in whole accumulation windows
         for _set_name, batch, _gbs in [] if finished else train_loader:
+            if k > 1 and state.batches_in_iteration >= trained:
+                continue  # an accumulation window's worth no longer fits in this iteration
             # The strategy's optimizer steps on this batch (one, except fixed computation time).
             while True:
                 result = _step(run, batch, logger, signals)
-                if result.metrics is not None and dist_info.is_main:
+                if dist_info.is_main and result.batch_done:
+                    examples += config.global_batch_size
+                if not result.update_done:
+                    break
+                shown = progress is not None and dist_info.is_main and result.skipped is None
+                if result.metrics is not None and progress is not None and shown:
+                    postfix = {}
                     if result.batch_done:
-                        examples += config.global_batch_size
-                    if progress is not None and result.skipped is None:
-                        postfix = {}
-                        if result.batch_done:
-                            rate = examples / max(time.perf_counter() - started, 1e-9)
-                            postfix = {"loss": result.metrics["train/lm_loss"],
-                                       "examples_per_s": rate}  # fmt: skip
-                        progress.update(**postfix)
+                        rate = examples / max(time.perf_counter() - started, 1e-9)
+                        postfix = {"loss": result.metrics["train/lm_loss"],
+                                   "examples_per_s": rate}  # fmt: skip
+                    progress.update(**postfix)
                 if config.checkpoint_every_steps and (
                     state.step % config.checkpoint_every_steps == 0
                 ):

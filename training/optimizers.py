@@ -4,7 +4,8 @@ A family names its groups and their kind (``models.family.OptimizerGroup``); thi
 each kind to an optimizer and to the run's hyper-parameters of that kind, as upstream
 ``pretrain.py`` (``create_model``) does: sign-SGD with ``puzzle_emb_lr`` /
 ``puzzle_emb_weight_decay`` for the puzzle table, AdamATan2 with ``lr``, ``weight_decay``,
-``beta1``, ``beta2`` for the weights. Both follow warm-up + cosine. A group's ``lr_scale`` and
+``beta1``, ``beta2`` for the weights. Both follow warm-up + cosine, indexed by optimizer step
+(with gradient accumulation, one per window of micro-batches). A group's ``lr_scale`` and
 ``weight_decay_scale`` multiply its kind's learning rate and weight decay.
 """
 
@@ -114,6 +115,15 @@ def scheduled_lr(
         num_training_steps=total_steps,
         min_ratio=config.lr_min_ratio,
     )
+
+
+def keep_micro_batch_gradients(optimizers: dict[str, NamedOptimizer]) -> None:
+    """Between two micro-batches of one optimizer step: the puzzle-embedding optimizers set the
+    micro-batch's (ids, gradient rows) aside, since the next forward looks up other puzzles
+    (``models.sparse_embedding``). Dense gradients need nothing: backward adds to ``.grad``."""
+    for named in optimizers.values():
+        if isinstance(named.optimizer, CastedSparseEmbeddingSignSGD_Distributed):
+            named.optimizer.keep_micro_batch()
 
 
 def step_optimizers(

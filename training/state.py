@@ -6,10 +6,14 @@ Components and where they are saved (``utils.checkpoint`` writes the files):
 * ``ema.pt``: the EMA shadow (``ema=True``);
 * ``train_state.pt``: the optimizers keyed by group name, the progress counters, the step
   strategy's state and the data position (the loader's, added by ``training.checkpointing``);
-* ``rank_N.pt``: each process's ACT carry and RNG states;
+* ``rank_N.pt``: each process's ACT carry (with gradient accumulation, one per micro-batch
+  slot) and RNG states;
 * ``meta.json`` (``training.checkpointing``) also records the provenance of the weights
   (``training.pretrained_decoder``): the tasks of the training data, the decoder's and the
   initial weights' own records.
+
+Checkpoints fall only between optimizer steps: a window of accumulated micro-batches
+(``AccumulationWindow``) is never saved, and ``state_dict`` refuses an open one.
 
 A new state starts from a pretrained decoder (``load_pretrained_decoder``) and then from
 ``load_checkpoint`` when the config names them, as ETRM orders them; a run about to resume
@@ -65,6 +69,32 @@ class StepStrategy(Protocol):
 
 
 @dataclass
+class AccumulationWindow:
+    """The micro-batches of the optimizer step in progress (gradient accumulation).
+
+    ``position`` counts the micro-batches already taken (0: between optimizer steps).
+    ``metric_sums`` and ``non_finite`` add up the earlier micro-batches' metric sums and
+    not-yet-checked non-finite flags (tensors on the device, no host read), ``strategy_metrics``
+    keeps each one's own metrics, and ``skip`` names what was not finite once a Jacobian-descent
+    guard (``nonfinite=skip``) dropped the window, whose remaining micro-batches then only
+    pass. Gradients themselves accumulate in ``.grad`` and in the sparse-embedding optimizer.
+    """
+
+    position: int = 0
+    metric_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    non_finite: torch.Tensor | None = None
+    strategy_metrics: list[dict[str, float]] = field(default_factory=list)
+    skip: str | None = None
+
+    def reset(self) -> None:
+        self.position = 0
+        self.metric_sums = {}
+        self.non_finite = None
+        self.strategy_metrics = []
+        self.skip = None
+
+
+@dataclass
 class TrainState:
     """Weights, optimizers by name, progress, carry, EMA and step strategy of one process."""
 
@@ -77,7 +107,12 @@ class TrainState:
     step: int = 0
     iteration: int = 0  # completed train/eval cycles
     batches_in_iteration: int = 0  # batches consumed in the current cycle
-    carry: ACTCarry | None = None
+    carry: ACTCarry | None = None  # the ACT carry of the micro-batch being trained
+    # Gradient accumulation: micro-batches per optimizer step, and the carry of each slot (slot
+    # j of a window continues slot j of the window before; empty without accumulation).
+    accumulation_steps: int = 1
+    slot_carries: list[ACTCarry | None] = field(default_factory=list)
+    window: AccumulationWindow = field(default_factory=AccumulationWindow)
     ema: EMAHelper | None = None
     nonfinite_streak: int = 0  # nonfinite=skip: skipped steps in a row (restarts on resume)
     # Where the weights' tasks came from (saved in meta.json) and, for a strict-split
@@ -95,6 +130,11 @@ class TrainState:
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The components every rank shares (rank 0 saves them)."""
+        if self.window.position != 0:
+            raise RuntimeError(
+                f"train state saved after {self.window.position} of {self.accumulation_steps} "
+                f"micro-batches of step {self.step + 1}: checkpoints fall between optimizer steps"
+            )
         state: dict[str, Any] = {
             "model": self.raw_model.state_dict(),
             "optimizers": {n: o.optimizer.state_dict() for n, o in self.optimizers.items()},
@@ -137,15 +177,26 @@ class TrainState:
             self.strategy.load_state_dict(state.get("strategy", {}))
 
     def rank_state_dict(self, device: torch.device) -> dict[str, Any]:
-        """This process's own components: the ACT carry and the RNG states."""
-        return {
+        """This process's own components: the ACT carry (per micro-batch slot with gradient
+        accumulation) and the RNG states."""
+        state: dict[str, Any] = {
             "carry": self.carry.state_dict() if self.carry is not None else None,
             "rng": rng_state(device),
         }
+        if self.slot_carries:
+            state["slot_carries"] = [c.state_dict() if c is not None else None
+                                     for c in self.slot_carries]  # fmt: skip
+        return state
 
     def load_rank_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
         if state["carry"] is not None:
             self.carry = carry_to(ACTCarry.from_state_dict(state["carry"]), device)
+        slots = state.get("slot_carries")
+        if self.slot_carries and slots is not None and len(slots) == len(self.slot_carries):
+            self.slot_carries = [
+                carry_to(ACTCarry.from_state_dict(c), device) if c is not None else None
+                for c in slots
+            ]
         set_rng_state(state["rng"], device)
 
 
@@ -260,6 +311,13 @@ def initial_weights(
     return record, found
 
 
+def schedule_length(config: PretrainConfig, data: PuzzleDataset, updates_per_batch: int) -> int:
+    """Optimizer steps of the lr schedule: ``updates_per_batch`` per batch (fixed computation
+    time), one per ``accumulation_steps`` batches (gradient accumulation), so warm-up and the
+    cosine count optimizer steps either way."""
+    return updates_per_batch * data.total_steps(config.epochs) // config.accumulation_steps
+
+
 def create_train_state(
     config: PretrainConfig, data: PuzzleDataset, dist_info: DistInfo
 ) -> TrainState:
@@ -288,13 +346,16 @@ def create_train_state(
     model: nn.Module = head
     if want_compile(config, dist_info.device) and strategy.compiles:
         model = torch.compile(head)
+    k = config.accumulation_steps
     return TrainState(
         model=model,
         family=family,
         capabilities=capabilities,
         optimizers=optimizers,
         strategy=strategy,
-        total_steps=data.total_steps(config.epochs),
+        total_steps=schedule_length(config, data, strategy.updates_per_batch),
+        accumulation_steps=k,
+        slot_carries=[None] * k if k > 1 else [],
         ema=ema,
         provenance=provenance,
         contamination=contamination,

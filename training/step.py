@@ -1,4 +1,4 @@
-"""One optimizer step on one global batch, whatever the step strategy.
+"""One optimizer step on one global batch (or on k micro-batches), whatever the step strategy.
 
 Upstream ``pretrain.py`` (``train_batch``): the strategy writes the gradients, they are summed
 over ranks (one flat all-reduce instead of one call per parameter), both optimizers follow
@@ -17,6 +17,19 @@ optimizer steps: the decoder's parameters take no gradient then, so their weight
 moments and EMA shadow stay as they were.
 
 Metric sums are turned into means by family (``normalize_metrics``): ``F/name`` by ``F/count``.
+
+Gradient accumulation (``grad_accum_steps`` or ``effective_batch_size``: k micro-batches per
+optimizer step) calls ``train_batch`` once per micro-batch. Each micro-batch runs its own ACT
+carry slot (``TrainState.slot_carries``), the strategy adds its gradients to ``.grad`` with the
+loss divided by ``global_batch_size × k`` (``StepStrategy.loss_divisor``), the puzzle-embedding
+optimizer keeps its (ids, rows) aside, and its metric sums and non-finite flag are added up on
+the device: no collective and no host read until the last micro-batch. That one does the rest
+of the step once: the cross-rank reduction, the norms, the non-finite check, clipping, the
+optimizers and the schedule (``step`` counts optimizer steps), the EMA, and the metrics, summed
+over the micro-batches and normalised by ``global_batch_size × k``, with
+``train/micro_batches``. The EMA follows every micro-batch instead under ``ema_every=micro``
+(k updates per step, the first k − 1 with the weights of the step before, as the research fork
+does). A stop request is seen at the last micro-batch, so checkpoints fall between steps.
 """
 
 from __future__ import annotations
@@ -30,8 +43,9 @@ import torch
 from torch import nn
 
 from training.config import PretrainConfig
-from training.optimizers import step_optimizers
-from training.state import TrainState
+from training.optimizers import keep_micro_batch_gradients, step_optimizers
+from training.state import AccumulationWindow, TrainState
+from training.strategies import Gradients
 from utils.distributed import DistInfo, all_reduce_sum_
 from utils.schema import UserError
 
@@ -49,6 +63,7 @@ class StepResult:
     stop_requested: bool = False  # some rank was asked to stop (SIGTERM/SIGINT)
     skipped: str | None = None  # nonfinite=skip: what was not finite ("loss", "gradient norm")
     batch_done: bool = True  # the strategy took its last step on this batch
+    update_done: bool = True  # an optimizer step ended here (not a window's earlier micro-batch)
 
 
 class _SkipBatchError(Exception):
@@ -100,6 +115,7 @@ def _skip_update(
     for named in state.optimizers.values():
         named.optimizer.zero_grad()
     state.carry = None
+    state.slot_carries = [None] * len(state.slot_carries)
     state.nonfinite_streak += 1
     if state.nonfinite_streak >= config.nonfinite_max_skips:
         raise NonFiniteLossError(
@@ -204,14 +220,96 @@ def train_batch(
     *,
     stop_requested: bool = False,
 ) -> StepResult:
-    """One optimizer step on one global batch. ``stop_requested`` is this rank's wish to stop;
-    the result says whether any rank has one. A strategy with several steps per batch is
-    called with the same batch until ``StepResult.batch_done``."""
+    """One global batch: an optimizer step, or with gradient accumulation one micro-batch of
+    one (the step is taken at the window's last; the earlier ones return
+    ``update_done=False`` and no metrics). ``stop_requested`` is this rank's wish to stop;
+    the result of a step says whether any rank has one. A strategy with several steps per
+    batch is called with the same batch until ``StepResult.batch_done``."""
     assert state.strategy is not None
-    state.step += 1
-    result = _optimizer_step(config, state, batch, dist_info, last_checkpoint, stop_requested)
+    window = state.window
+    if window.position == 0:
+        state.step += 1
+    if window.position < state.accumulation_steps - 1:
+        _micro_batch(config, state, batch, dist_info, last_checkpoint)
+        window.position += 1
+        return StepResult(None, update_done=False)
+    try:
+        result = _optimizer_step(config, state, batch, dist_info, last_checkpoint, stop_requested)
+    finally:
+        window.reset()
     result.batch_done = state.strategy.advance()
     return result
+
+
+def _enter_slot(state: TrainState, batch: dict[str, torch.Tensor]) -> None:
+    """Make the current micro-batch slot's carry the active one (a new carry if it has none)."""
+    if state.slot_carries:
+        state.carry = state.slot_carries[state.window.position]
+    if state.carry is None:
+        state.carry = state.model.initial_carry(batch)
+
+
+def _leave_slot(state: TrainState) -> None:
+    if state.slot_carries:
+        state.slot_carries[state.window.position] = state.carry
+
+
+def _micro_batch(
+    config: PretrainConfig,
+    state: TrainState,
+    batch: dict[str, torch.Tensor],
+    dist_info: DistInfo,
+    last_checkpoint: Path | None,
+) -> None:
+    """A window's micro-batch before its last: gradients added up, nothing reduced or read."""
+    strategy, window = state.strategy, state.window
+    assert strategy is not None
+    if state.step > state.total_steps or window.skip is not None:
+        return
+    batch = {k: v.to(dist_info.device, non_blocking=True) for k, v in batch.items()}
+    _enter_slot(state, batch)
+    frozen = decoder_frozen(config, state.step)
+    try:
+        with _without_gradient(strategy.norm_groups["decoder"] if frozen else []):
+            grads_out = strategy.compute_gradients(
+                state, batch, finite_guard(config, state, last_checkpoint)
+            )
+    except _SkipBatchError:
+        # Every rank raised together; the step at the window's end skips the update.
+        window.skip = "loss"
+        return
+    _leave_slot(state)
+    _add_to_window(window, grads_out)
+    keep_micro_batch_gradients(state.optimizers)
+    if state.ema is not None and config.ema_per_micro_batch:
+        state.ema.update(state.raw_model)
+
+
+def _add_to_window(window: AccumulationWindow, grads: Gradients) -> None:
+    """Add a micro-batch's metric sums and non-finite flag to the window's (device tensors)."""
+    for key, value in grads.out.metrics.items():
+        value = value.detach()
+        window.metric_sums[key] = (
+            window.metric_sums[key] + value if key in window.metric_sums else value
+        )
+    if grads.unchecked_non_finite is not None:
+        flag = grads.unchecked_non_finite.detach()
+        window.non_finite = flag if window.non_finite is None else window.non_finite + flag
+    window.strategy_metrics.append(dict(grads.metrics))
+
+
+def _window_metrics(
+    window: AccumulationWindow, grads: Gradients
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, dict[str, float]]:
+    """(metric sums, non-finite flag, the strategy's metrics) of the whole window: with no
+    earlier micro-batch the last one's own, unchanged; otherwise sums over the micro-batches
+    and the mean of each strategy metric."""
+    if not window.strategy_metrics:
+        return dict(grads.out.metrics), grads.unchecked_non_finite, grads.metrics
+    _add_to_window(window, grads)
+    runs = window.strategy_metrics
+    means = {k: sum(m[k] for m in runs) / len(runs) for k in runs[-1] if all(k in m for m in runs)}
+    return dict(window.metric_sums), window.non_finite, means
 
 
 def _optimizer_step(
@@ -227,8 +325,11 @@ def _optimizer_step(
     if state.step > state.total_steps:  # upstream skips batches beyond the schedule
         return StepResult(None, any_rank(stop_requested, dist_info.device))
     batch = {k: v.to(dist_info.device, non_blocking=True) for k, v in batch.items()}
-    if state.carry is None:
-        state.carry = state.model.initial_carry(batch)
+    if state.window.skip is not None:
+        return _skip_update(
+            config, state, state.window.skip, any_rank(stop_requested, dist_info.device)
+        )
+    _enter_slot(state, batch)
 
     frozen = decoder_frozen(config, state.step)
     try:
@@ -238,6 +339,8 @@ def _optimizer_step(
             )
     except _SkipBatchError:
         return _skip_update(config, state, "loss", any_rank(stop_requested, dist_info.device))
+    _leave_slot(state)
+    window_sums, non_finite, strategy_metrics = _window_metrics(state.window, grads_out)
     params = [p for p in state.raw_model.parameters() if p.requires_grad]
     if not grads_out.reduced_across_ranks:
         reduce_gradients(params)
@@ -254,9 +357,9 @@ def _optimizer_step(
     # One all-reduce and one host read per step: the metric sums and the flags are summed over
     # ranks (so every rank takes the same decision), the norms ride along, and all are read
     # together.
-    sums = dict(grads_out.out.metrics)
-    if grads_out.unchecked_non_finite is not None:
-        sums[_NON_FINITE_LOSS] = grads_out.unchecked_non_finite
+    sums = window_sums
+    if non_finite is not None:
+        sums[_NON_FINITE_LOSS] = non_finite
     if norms:
         sums[_NON_FINITE_NORM] = ~torch.isfinite(norms["train/grad_norm"])
     sums[_STOP] = torch.tensor(float(stop_requested))
@@ -284,9 +387,12 @@ def _optimizer_step(
     if state.ema is not None:
         state.ema.update(state.raw_model)
 
-    metrics = normalize_metrics(reduced, config.global_batch_size, "train")
-    metrics.update(grads_out.metrics)
+    k = state.accumulation_steps
+    metrics = normalize_metrics(reduced, config.global_batch_size * k, "train")
+    metrics.update(strategy_metrics)
     metrics["train/lr"] = lr
+    if k > 1:
+        metrics["train/micro_batches"] = float(k)
     metrics.update(zip(norms, host[len(keys) :], strict=True))
     if config.freeze_decoder_steps:
         metrics["train/decoder_frozen"] = float(frozen)

@@ -7,7 +7,10 @@ metrics and whether the gradients are already summed over ranks. The rest of the
 (``training.step``). A strategy may take several optimizer steps on one batch
 (``updates_per_batch``, ETRM-FCT's N): the loop then hands it the same batch that many times in
 a row, and ``position`` (saved with the strategy, so a checkpoint may fall between them) says
-how many it has taken. Strategies register in ``STEP_STRATEGIES``; ``build_strategy`` takes the
+how many it has taken. With gradient accumulation the loop hands the strategy each micro-batch
+of an optimizer step in turn and its gradients add up in ``.grad``; ``loss_divisor``
+(``global_batch_size × accumulation_steps``) makes their sum the mean over the whole effective
+batch. Strategies register in ``STEP_STRATEGIES``; ``build_strategy`` takes the
 one ``step_strategy`` names, or with ``auto`` picks fixed computation time when the number of
 steps per batch is known (``arch.optimizer_steps_per_batch``, ``updates_per_batch``) and
 otherwise by the objective (``objective=sum`` is gradient descent, every other objective
@@ -59,6 +62,8 @@ class StepStrategy(ABC):
     ``norm_groups`` are the family's named parameter groups whose gradient norms the step logs
     (``ModelFamily.norm_groups``; empty for TRM). ``updates_per_batch`` optimizer steps are
     taken on each batch; ``position`` counts those already taken on the current one.
+    ``loss_divisor`` divides every summed loss before its backward: the examples of one
+    optimizer step over all ranks and micro-batches.
     """
 
     name: ClassVar[str]
@@ -77,6 +82,7 @@ class StepStrategy(ABC):
         self.norm_groups: dict[str, list[nn.Parameter]] = family.norm_groups(head)
         self.updates_per_batch = 1
         self.position = 0
+        self.loss_divisor = config.global_batch_size * config.accumulation_steps
 
     @abstractmethod
     def compute_gradients(self, state: TrainState, batch: Batch, guard: Guard) -> Gradients:
@@ -108,9 +114,10 @@ class GradientDescent(StepStrategy):
         out: LossOutput = state.model(carry=state.carry, batch=batch, return_keys=())
         state.carry = out.new_carry
         loss = out.total()
-        # The one place the loss is normalised: every rank divides its local sum by the global
-        # batch size, and the SUM all-reduce of the gradients then gives the global mean.
-        (loss / self.config.global_batch_size).backward()
+        # The one place the loss is normalised: every rank divides its local sum by the
+        # examples of the optimizer step (global batch × micro-batches), and the SUM
+        # all-reduce of the accumulated gradients then gives the mean over them.
+        (loss / self.loss_divisor).backward()
         return Gradients(out, unchecked_non_finite=(~torch.isfinite(loss.detach())).float())
 
 
@@ -126,7 +133,9 @@ class FixedComputationTime(GradientDescent):
     done. Every step is a whole optimizer step (backward, cross-rank reduction, clipping,
     optimizers, EMA; ``training.step``) with its own learning rate: the schedule counts
     optimizer steps, where ETRM gave all N steps of a batch the batch's learning rate. The
-    metrics logged are those of the last of the N steps, as ETRM's.
+    metrics logged are those of the last of the N steps, as ETRM's. Gradient accumulation is
+    refused: each of a batch's N steps needs the update of the one before, so micro-batches of
+    other batches have no step to join.
     """
 
     name: ClassVar[str] = "fixed_computation_time"
@@ -169,6 +178,14 @@ class JacobianDescent(StepStrategy):
     always run (the research fork stopped once every slot had halted, which for its no-ACT
     ``trmjd`` is the same), so the objectives do not depend on the world size. Per-sample
     layers and TorchJD's autogram hooks work on eager modules: the model runs uncompiled.
+
+    With gradient accumulation each micro-batch is aggregated on its own, as the research fork
+    does: its objectives' Jacobian goes through the aggregator and the aggregated vector
+    (scaled by ``m / loss_divisor``) is added to ``.grad``, so the update is the sum of the
+    micro-batches' aggregations, not one aggregation of the whole effective batch's
+    objectives. Objectives every rank shares sum their Jacobian over ranks per micro-batch
+    (the aggregation needs the global one); per-sample objectives are reduced once, at the
+    window's end.
     """
 
     name: ClassVar[str] = "jacobian_descent"
@@ -229,7 +246,7 @@ class JacobianDescent(StepStrategy):
 
         if layout.m == 1:
             for c in contributions():  # gradient descent over stacked steps: one backward each
-                (c.sum() / self.config.global_batch_size).backward()
+                (c.sum() / self.loss_divisor).backward()
             return Gradients(last["out"], {"jd/num_objectives": 1.0})
         extra = []
         if self.puzzle_emb is not None and self.puzzle_emb.local_weights.requires_grad:
@@ -239,7 +256,7 @@ class JacobianDescent(StepStrategy):
             layout=layout,
             params=[p for p in state.raw_model.parameters() if p.requires_grad],
             extra_params=extra,
-            global_batch_size=self.config.global_batch_size,
+            global_batch_size=self.loss_divisor,
             step_index=state.step,
             all_reduce=all_reduce_sum_,
         )
@@ -285,6 +302,12 @@ def strategy_name(config: PretrainConfig) -> str:
         raise ConfigError(
             "step_strategy fixed_computation_time needs the optimizer steps per batch: "
             "arch=etrm_fct arch.num_act_steps=N, or updates_per_batch=N for other models"
+        )
+    if name == "fixed_computation_time" and config.accumulation_steps > 1:
+        raise ConfigError(
+            f"grad_accum_steps: fixed computation time takes {fct_steps} optimizer steps on each "
+            "batch, each continuing the batch's carry, so micro-batches of other batches cannot "
+            "join them; drop effective_batch_size/grad_accum_steps or raise global_batch_size"
         )
     if name != "fixed_computation_time" and fct_steps is not None:
         what = (

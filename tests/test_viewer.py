@@ -3,8 +3,9 @@
 The traces here are synthetic, written by ``write_synthetic_trace`` straight from the
 ``trm-trace/v1`` format, so the viewer is checked against the format and not against the code
 that records real traces. The ``browser`` tests need Debian's ``chromium`` and
-``chromium-driver`` (``.ci/run`` installs them) and Selenium; without them they fail with the
-install command, unless ``TRM_SKIP_BROWSER=1`` asks to skip them.
+``chromium-driver`` (``.ci/run`` installs them; ``TRM_CHROMIUM`` and ``TRM_CHROMEDRIVER`` point
+elsewhere) and Selenium; without them they fail with the install command, unless
+``TRM_SKIP_BROWSER=1`` asks to skip them.
 """
 
 from __future__ import annotations
@@ -525,6 +526,19 @@ def test_page_index_groups_variants(trace: Path) -> None:
     assert p001["summaries"]["clean"]["recovered"] is None
 
 
+def test_items_keep_the_writer_order(trace: Path) -> None:
+    for path in [trace / "index.json", *trace.glob("shard_*.jsonl")]:
+        path.write_text(path.read_text().replace('"p000"', '"z000"'))
+    page = viewer.page_index(viewer.load_trace(trace))
+    assert [it["puzzle_id"] for it in page["items"]][:2] == ["z000", "p001"]
+
+
+def test_index_and_shard_disagree(trace: Path) -> None:
+    path = trace / "shard_00000.jsonl"
+    path.write_text(path.read_text().replace('"p001"', '"p999"'))
+    assert "line 3: puzzle_id is 'p999', index.json says 'p001'" in _error(trace)
+
+
 def test_repeated_record_refused(trace: Path) -> None:
     index = json.loads((trace / "index.json").read_text())
     index["records"][3]["variant"] = "clean"
@@ -535,9 +549,8 @@ def test_repeated_record_refused(trace: Path) -> None:
 def test_markup_in_strings_cannot_close_the_chunk(tmp_path: Path) -> None:
     folder = tmp_path / "t"
     write_synthetic_trace(folder, 1, H=2, H_cycles=1, L_cycles=1, perturb=False)
-    index = json.loads((folder / "index.json").read_text())
-    index["records"][0]["puzzle_id"] = "a</script><b>&"
-    (folder / "index.json").write_text(json.dumps(index))
+    for path in [folder / "index.json", folder / "shard_00000.jsonl"]:
+        path.write_text(path.read_text().replace('"p000"', json.dumps("a</script><b>&")))
     page = viewer.render_html(viewer.load_trace(folder))
     assert "a</script>" not in page
     assert _chunks(page)["trace-index"]["items"][0]["puzzle_id"] == "a</script><b>&"
@@ -558,12 +571,14 @@ def test_non_finite_numbers_become_null(tmp_path: Path) -> None:
 # ---- the page in headless Chromium -------------------------------------------------------------
 
 
-def _browser_paths() -> tuple[str, str]:
-    chromium = os.environ.get("TRM_CHROMIUM") or next(
-        (p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None
-    )
+def _browser_paths() -> tuple[str | None, str | None]:
+    """Chromium and chromedriver: ``TRM_CHROMIUM`` / ``TRM_CHROMEDRIVER`` or the ``PATH``."""
+    chromium = os.environ.get("TRM_CHROMIUM") or shutil.which("chromium")
     driver = os.environ.get("TRM_CHROMEDRIVER") or shutil.which("chromedriver")
-    return chromium or "", driver or ""
+    return (
+        chromium if chromium and os.access(chromium, os.X_OK) else None,
+        driver if driver and os.access(driver, os.X_OK) else None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -575,8 +590,9 @@ def browser() -> Iterator[Any]:
         "(.ci/run does both), or set TRM_SKIP_BROWSER=1 to skip the browser tests"
     )
     chromium, driver_path = _browser_paths()
-    if not chromium or not driver_path:
-        pytest.fail(f"headless Chromium or chromedriver not found; {install}", pytrace=False)
+    if chromium is None or driver_path is None:
+        missing = "chromium (or TRM_CHROMIUM)" if chromium is None else "chromedriver"
+        pytest.fail(f"{missing} not found; {install}", pytrace=False)
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service

@@ -201,6 +201,12 @@ def load_trace(folder: Path) -> Trace:
                     raise _fail(where, "no index.json record points at this line")
                 if record["id"] != expected:
                     raise _fail(where, f"id is {record['id']}, index.json says {expected}")
+                entry = index["records"][expected]
+                for key in ("puzzle_id", "test_index", "aug", "variant"):
+                    if record.get(key) != entry[key]:
+                        raise _fail(
+                            where, f"{key} is {record.get(key)!r}, index.json says {entry[key]!r}"
+                        )
                 records[expected] = record
     for i, record in enumerate(records):
         if record is None:
@@ -287,10 +293,13 @@ def pack_record(record: dict[str, Any]) -> dict[str, Any]:
 
 def page_index(trace: Trace) -> dict[str, Any]:
     """The page's list data: run facts, per-step results and one item per (puzzle, test index,
-    augmentation): ``variants`` maps each variant tag to its record id (clean first, then the
-    perturbations in ``index.json``'s order), ``summaries`` each tag to that record's summary, and
-    the item's own summary fields, which the filters read, are the clean record's; ``recovered``
-    is whether any perturbed variant recovered (None without one)."""
+    augmentation), in the order of their first record in ``index.json``.
+
+    An item's ``variants`` maps each variant tag to its record id (clean first, then the
+    perturbations in ``index.json``'s order) and ``summaries`` each tag to that record's summary;
+    the item's own summary fields, which the filters read, are the clean record's, and
+    ``recovered`` says whether any perturbed variant recovered (None without one).
+    """
     index = trace.index
     rank = {p.get("tag"): i for i, p in enumerate(index["perturbations"])}
     items: dict[tuple[str, int, str], dict[str, Any]] = {}
@@ -301,7 +310,8 @@ def page_index(trace: Trace) -> dict[str, Any]:
             {"puzzle_id": key[0], "test_index": key[1], "aug": key[2], "variants": {}},
         )
         item["variants"][entry["variant"]] = entry["id"]
-    ordered = sorted(items.values(), key=lambda it: (it["puzzle_id"], it["test_index"], it["aug"]))
+    # The writer's order (tasks in source order), not an alphabetical one.
+    ordered = list(items.values())
     for item in ordered:
         item["variants"] = dict(
             sorted(

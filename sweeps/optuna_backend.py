@@ -96,6 +96,7 @@ def _prepare_dir(sweep_dir: Path, storage: str | None, resume: bool) -> None:
                 f"--resume: {sweep_dir / STUDY_FILE} does not exist; give the sweep folder of "
                 f"the sweep to resume (--output-dir) or its --storage"
             )
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         return
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise ConfigError(
@@ -189,7 +190,10 @@ def run_optuna_sweep(
     # Every trial would be refused alike when the base is wrong: say so once, before any launch.
     probe = {k: _first_value(spec) for k, spec in config.parameters.items()}
     probe_dir = sweep_dir / "trial_probe"
-    check_trial_overrides(trial_overrides(base, to_overrides(probe), "probe", probe_dir))
+    try:
+        check_trial_overrides(trial_overrides(base, to_overrides(probe), "probe", probe_dir))
+    except ConfigError as e:
+        raise ConfigError(f"the base overrides, each parameter at its first value: {e}") from None
 
     sampler = optuna.samplers.TPESampler(
         n_startup_trials=config.sampler.n_startup_trials, seed=config.sampler.seed
@@ -200,13 +204,19 @@ def run_optuna_sweep(
     except KeyError:
         raise ConfigError(f"--resume: storage {url} has no study named '{config.name}'") from None
     if study is None:
-        study = optuna.create_study(
-            storage=url,
-            study_name=config.name,
-            sampler=sampler,
-            pruner=make_pruner(config),
-            direction=config.metric.goal,
-        )
+        try:
+            study = optuna.create_study(
+                storage=url,
+                study_name=config.name,
+                sampler=sampler,
+                pruner=make_pruner(config),
+                direction=config.metric.goal,
+            )
+        except optuna.exceptions.DuplicatedStudyError:
+            raise ConfigError(
+                f"storage {url} already has a study named '{config.name}': pass --resume to "
+                f"continue it, or rename the sweep (name: in the sweep file)"
+            ) from None
         study.set_user_attr("space", _space_record(config))
         for point in config.enqueue:
             study.enqueue_trial(point)

@@ -9,6 +9,7 @@ mistake is one ``ConfigError`` line naming the file and the key.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -163,6 +164,14 @@ class SweepConfig(StrictModel):
                 continue
             if not isinstance(spec, dict):
                 raise ValueError(f"parameters.{key}: expected a mapping with values or min/max")
+            if "values" not in spec and "min" not in spec and "max" not in spec:
+                keys = sorted({*CategoricalParam.model_fields, *RangeParam.model_fields})
+                close = {m for k in spec for m in difflib.get_close_matches(str(k), keys, n=1)}
+                hint = f"; did you mean {' or '.join(sorted(close))}?" if close else ""
+                raise ValueError(
+                    f"parameters.{key}: give values: [...] or a range min:/max: (got keys "
+                    f"{', '.join(map(str, spec)) or 'none'}){hint}"
+                )
             kind = CategoricalParam if "values" in spec else RangeParam
             parsed[key] = validate_model(kind, spec, prefix=f"parameters.{key}")
         return {**data, "parameters": parsed}

@@ -119,7 +119,8 @@ def test_a_trial_with_several_processes_runs_under_torchrun() -> None:
     ("fields", "named"),
     [
         ({"trails": 3}, "trails: unknown key"),
-        ({"parameters": {"lr": {"valuez": [1e-4]}}}, "parameters.lr.valuez: unknown key"),
+        ({"parameters": {"lr": {"valuez": [1e-4]}}}, "parameters.lr: give values: [...] or"),
+        ({"parameters": {"lr": {"min": 0.1, "mx": 1}}}, "parameters.lr.mx: unknown key"),
         ({"parameters": {"lr": {"min": 1e-3, "max": 1e-4}}}, "min (0.001) must be below max"),
         ({"base_overrides": ["+run_name=x"]}, "base_overrides: '+run_name=x' is set by the sweep"),
         ({"enqueue": [{"lr": 5.0}]}, "enqueue.0.lr: 5.0 is outside the parameter"),
@@ -275,3 +276,38 @@ def test_a_failing_launch_is_recorded_with_its_log(
     assert "exit code" in records[0]["reason"] and records[0]["log"] in records[0]["reason"]
     assert "missing" in Path(records[0]["log"]).read_text()
     assert json.loads((out / "best.json").read_text())["number"] == 1
+
+
+def test_a_trial_left_running_is_failed_and_run_again_on_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    from sweeps.optuna_backend import distributions
+
+    # Every trial is refused (3 heads for width 16), so nothing is launched.
+    path = write_sweep(
+        tmp_path / "heads.yaml",
+        metric={"name": "all/lm_loss", "goal": "minimize"},
+        parameters={"arch.num_heads": {"values": [2, 3]}},
+        trials=1,
+        base_overrides=TINY_TRIAL,
+        enqueue=[{"arch.num_heads": 3}, {"arch.num_heads": 3}],
+    )
+    out = tmp_path / "sweep"
+    args = [str(path), "--backend", "optuna", "--output-dir", str(out)]
+    assert main(args) == 0
+    # A sweep killed during a trial leaves it RUNNING in the study.
+    storage = f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name="heads", storage=storage)
+    left = study.ask(distributions(load_sweep_config(path)))
+    assert main([*args, "--resume", "--trials", "2"]) == 0
+    capsys.readouterr()
+    trials = optuna.load_study(study_name="heads", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert trials[1].user_attrs["interrupted"] is True
+    assert trials[2].params == left.params and "interrupted" not in trials[2].user_attrs
+    records = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
+    assert [r["number"] for r in records] == [0, 1, 2]
+    assert records[1]["reason"] == "interrupted; parameters queued again"

@@ -311,3 +311,76 @@ def test_a_trial_left_running_is_failed_and_run_again_on_resume(
     records = [json.loads(x) for x in (out / "trials.jsonl").read_text().splitlines()]
     assert [r["number"] for r in records] == [0, 1, 2]
     assert records[1]["reason"] == "interrupted; parameters queued again"
+
+
+def test_wandb_agent_arguments_reach_pretrains_config() -> None:
+    """The agent expands the command with W&B's own ``args_no_hyphens``; the trial's argv
+    composes to a config holding the sampled values."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    from training.config import load_pretrain_config
+    from utils.config import compose, lenient_overrides
+
+    sweep = wandb_sweep_dict(load_sweep_config(REPO / "config" / "sweep" / "jd_fork.yaml"))
+    sampled = {"arch.H_cycles": 3, "arch.L_cycles": 4, "data_paths": "[data/arc2eval-aug-400]",
+               "lr": 0.0002, "arch.halt_max_steps": 16}  # fmt: skip
+    args = create_sweep_command_args({"args": {k: {"value": v} for k, v in sampled.items()}})
+    expand = {"${args_no_hyphens}": args["args_no_hyphens"]}
+    argv = [a for c in sweep["command"] for a in expand.get(c, [c])]
+    overrides = argv[argv.index("${program}") + 1 :]
+    config = load_pretrain_config(compose(overrides=lenient_overrides(overrides)))
+    assert (config.arch.H_cycles, config.arch.L_cycles, config.arch.halt_max_steps) == (3, 4, 16)
+    assert config.data_paths == ["data/arc2eval-aug-400"] and config.lr == 2e-4
+    assert config.epochs == 4000 and config.eval_interval == 200
+
+
+class FakeWandb:
+    """The three calls the W&B backend makes, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def sweep(self, sweep: dict[str, Any], project: str) -> str:
+        self.calls.append(("sweep", (sweep["name"], sweep["run_cap"], project)))
+        return "abc123"
+
+    def Api(self) -> Any:
+        return type("Api", (), {"default_entity": "me"})()
+
+    def agent(self, sweep_id: str, project: str, entity: str, count: int) -> None:
+        self.calls.append(("agent", (sweep_id, project, entity, count)))
+
+
+@pytest.mark.parametrize("create_only", [True, False])
+def test_wandb_backend_creates_the_sweep_and_runs_the_agent(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], create_only: bool
+) -> None:
+    fake = FakeWandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    argv = ["jd_fork", "--trials", "4", *(["--create-only"] if create_only else [])]
+    assert main(argv) == 0
+    assert fake.calls[0] == ("sweep", ("jd_fork", 4, "jd_fork"))
+    agent = [("agent", ("abc123", "jd_fork", "me", 4))]
+    assert fake.calls[1:] == ([] if create_only else agent)
+    assert "wandb agent --count 4 me/jd_fork/abc123" in capsys.readouterr().out
+
+
+def test_the_default_backend_follows_the_wandb_account(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sweeps.cli import choose_backend
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("")
+    monkeypatch.setenv("NETRC", str(netrc))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
+    assert choose_backend("auto") == "optuna"
+    netrc.write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    assert choose_backend("auto") == "wandb"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert choose_backend("auto") == "optuna"
+    assert choose_backend("wandb") == "wandb"

@@ -189,20 +189,24 @@ def run_optuna_sweep(
     base = [*config.base_overrides, *(extra_overrides or [])]
     # Every trial would be refused alike when the base is wrong: say so once, before any launch.
     probe = {k: _first_value(spec) for k, spec in config.parameters.items()}
-    probe_dir = sweep_dir / "trial_probe"
     try:
-        check_trial_overrides(trial_overrides(base, to_overrides(probe), "probe", probe_dir))
+        check_trial_overrides(trial_overrides(base, to_overrides(probe), "probe", sweep_dir))
     except ConfigError as e:
         raise ConfigError(f"the base overrides, each parameter at its first value: {e}") from None
 
     sampler = optuna.samplers.TPESampler(
         n_startup_trials=config.sampler.n_startup_trials, seed=config.sampler.seed
     )
-    try:
-        study = optuna.load_study(study_name=config.name, storage=url, sampler=sampler,
-                                  pruner=make_pruner(config)) if resume else None  # fmt: skip
-    except KeyError:
-        raise ConfigError(f"--resume: storage {url} has no study named '{config.name}'") from None
+    study = None
+    if resume:
+        try:
+            study = optuna.load_study(
+                study_name=config.name, storage=url, sampler=sampler, pruner=make_pruner(config)
+            )
+        except KeyError:
+            raise ConfigError(
+                f"--resume: storage {url} has no study named '{config.name}'"
+            ) from None
     if study is None:
         try:
             study = optuna.create_study(

@@ -384,3 +384,12 @@ def test_the_default_backend_follows_the_wandb_account(
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert choose_backend("auto") == "optuna"
     assert choose_backend("wandb") == "wandb"
+
+
+def test_resuming_a_sweep_that_is_not_there_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = REPO / "config" / "sweep" / "trm_seeds.yaml"
+    out = tmp_path / "nothing"
+    assert main([str(path), "--backend", "optuna", "--output-dir", str(out), "--resume"]) == 2
+    assert "study.db does not exist" in capsys.readouterr().err and not out.exists()

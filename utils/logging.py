@@ -1,5 +1,13 @@
 """Run naming, metric loggers (W&B, JSON lines, none) and the rank-0 progress bar.
 
+Besides scalars, a logger takes images (RGB uint8 arrays with captions, ``log_images``) and
+curves (several named series over one x axis, ``log_curve``). W&B keeps them as
+``wandb.Image`` lists, tables and line-series charts (in the run folder when offline); the
+JSON-lines logger writes them beside ``metrics.jsonl``: ``predictions/<key>_step<N>_<i>.png``
+with ``predictions/<key>_step<N>.json`` (file names and captions), and
+``curves/<key>_step<N>.json`` with a PNG line plot ``curves/<key>_step<N>.png`` drawn with
+Pillow. Pillow is imported only when an image or curve is written.
+
 Upstream calls ``wandb.init`` unconditionally on rank 0, so a machine without a W&B login either
 prompts or needs ``WANDB_MODE``. Here the mode is chosen without network access
 (``resolve_wandb_mode``), rank 0 always also writes ``metrics.jsonl``, and other ranks get a
@@ -16,12 +24,14 @@ import netrc
 import numbers
 import os
 import random
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import coolname
+import numpy as np
 from tqdm import tqdm
 
 from utils.schema import ConfigError
@@ -43,6 +53,10 @@ _ENV_MODES = {
     "dryrun": "offline",
     "disabled": "disabled",
 }
+# Series colours of the PNG curves (the ARC palette's blue, red, green, orange, magenta, cyan).
+_CURVE_COLOURS = ((0, 116, 217), (255, 65, 54), (46, 204, 64), (255, 133, 27), (240, 18, 190),
+                  (127, 219, 255))  # fmt: skip
+_UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 def default_project_name(data_paths: Sequence[str]) -> str:
@@ -113,13 +127,56 @@ def resolve_wandb_mode(requested: str) -> str:
 
 @runtime_checkable
 class RunLogger(Protocol):
-    """Where rank 0 sends scalar metrics (``{"train/lm_loss": 0.5, ...}`` at a step) and config."""
+    """Where rank 0 sends scalar metrics (``{"train/lm_loss": 0.5, ...}`` at a step), config,
+    images and curves.
+
+    ``log_images``: ``images`` are RGB uint8 arrays [H, W, 3], one caption each.
+    ``log_curve``: ``ys`` maps each series name to one value per entry of ``xs``; ``x_name``
+    labels the x axis.
+    """
 
     def log(self, metrics: Mapping[str, float], step: int) -> None: ...
 
     def log_config(self, config: Mapping[str, Any]) -> None: ...
 
+    def log_images(
+        self, key: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int
+    ) -> None: ...
+
+    def log_curve(
+        self,
+        key: str,
+        xs: Sequence[float],
+        ys: Mapping[str, Sequence[float]],
+        step: int,
+        x_name: str,
+    ) -> None: ...
+
     def finish(self) -> None: ...
+
+
+def check_images(images: Sequence[np.ndarray], captions: Sequence[str]) -> list[np.ndarray]:
+    """``images`` as C-contiguous RGB uint8 arrays [H, W, 3]; one caption per image."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    checked = []
+    for i, image in enumerate(images):
+        arr = np.asarray(image)
+        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8 or 0 in arr.shape:
+            raise ValueError(f"image {i} must be RGB uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
+        checked.append(np.ascontiguousarray(arr))
+    return checked
+
+
+def check_curve(xs: Sequence[float], ys: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """``ys`` as lists of floats, each as long as ``xs``; at least one series."""
+    if not ys:
+        raise ValueError("a curve needs at least one series")
+    series = {name: [float(v) for v in values] for name, values in ys.items()}
+    for name, values in series.items():
+        if len(values) != len(xs):
+            raise ValueError(f"curve series {name!r} has {len(values)} values for {len(xs)} xs")
+    return series
 
 
 class NullLogger:
@@ -130,6 +187,21 @@ class NullLogger:
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         """Ignore ``config``."""
+
+    def log_images(
+        self, key: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int
+    ) -> None:
+        """Ignore ``images``."""
+
+    def log_curve(
+        self,
+        key: str,
+        xs: Sequence[float],
+        ys: Mapping[str, Sequence[float]],
+        step: int,
+        x_name: str,
+    ) -> None:
+        """Ignore the curve."""
 
     def finish(self) -> None:
         """Nothing to close."""
@@ -189,6 +261,54 @@ class JsonlLogger:
         merged.update(config)
         config_path.write_text(json.dumps(merged, indent=2, default=str) + "\n")
 
+    def log_images(
+        self, key: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int
+    ) -> None:
+        """Write ``predictions/<key>_step<N>_<i>.png`` for each image and
+        ``predictions/<key>_step<N>.json`` (``{"key", "step", "images": [{"file", "caption"}]}``)
+        next to the metrics file; characters other than ``A-Za-z0-9_.-`` in ``key`` become
+        ``_``."""
+        from PIL import Image
+
+        checked = check_images(images, captions)
+        folder = self.path.parent / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{_file_stem(key)}_step{int(step)}"
+        entries = []
+        for i, (image, caption) in enumerate(zip(checked, captions, strict=True)):
+            name = f"{stem}_{i}.png"
+            Image.fromarray(image).save(folder / name)
+            entries.append({"file": name, "caption": str(caption)})
+        index = {"key": key, "step": int(step), "images": entries}
+        (folder / f"{stem}.json").write_text(json.dumps(index, indent=1) + "\n")
+
+    def log_curve(
+        self,
+        key: str,
+        xs: Sequence[float],
+        ys: Mapping[str, Sequence[float]],
+        step: int,
+        x_name: str,
+    ) -> None:
+        """Write ``curves/<key>_step<N>.json`` (``{"key", "step", "x_name", "xs", "ys"}``, the
+        numbers as ``log`` writes them) and its line plot ``curves/<key>_step<N>.png``."""
+        from PIL import Image
+
+        series = check_curve(xs, ys)
+        folder = self.path.parent / "curves"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{_file_stem(key)}_step{int(step)}"
+        record = {
+            "key": key,
+            "step": int(step),
+            "x_name": x_name,
+            "xs": [_json_number(x) for x in xs],
+            "ys": {name: [_json_number(v) for v in values] for name, values in series.items()},
+        }
+        (folder / f"{stem}.json").write_text(json.dumps(record, allow_nan=False) + "\n")
+        image = curve_image(xs, series, x_name=x_name, title=f"{key} (step {int(step)})")
+        Image.fromarray(image).save(folder / f"{stem}.png")
+
     def finish(self) -> None:
         """Close the file (if anything was logged)."""
         if self._file is not None:
@@ -245,6 +365,43 @@ class WandbLogger:
         """Add or overwrite keys of the run's config."""
         self.run.config.update(dict(config), allow_val_change=True)
 
+    def log_images(
+        self, key: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int
+    ) -> None:
+        """``key``: a list of ``wandb.Image`` with their captions, at ``step``."""
+        checked = check_images(images, captions)
+        media = [
+            self._wandb.Image(image, caption=str(caption))
+            for image, caption in zip(checked, captions, strict=True)
+        ]
+        self.run.log({key: media}, step=step)
+
+    def log_curve(
+        self,
+        key: str,
+        xs: Sequence[float],
+        ys: Mapping[str, Sequence[float]],
+        step: int,
+        x_name: str,
+    ) -> None:
+        """``key``: a ``wandb.plot.line_series`` chart of every series over ``xs`` (W&B stores
+        its data as the table ``<key>_table``, one row per point), and ``<key>_data``: a
+        ``wandb.Table`` with columns ``x_name`` then one per series, one row per x."""
+        series = check_curve(xs, ys)
+        names = list(series)
+        table = self._wandb.Table(
+            columns=[x_name, *names],
+            data=[[float(x), *(series[n][i] for n in names)] for i, x in enumerate(xs)],
+        )
+        chart = self._wandb.plot.line_series(
+            xs=[float(x) for x in xs],
+            ys=[series[n] for n in names],
+            keys=names,
+            title=key,
+            xname=x_name,
+        )
+        self.run.log({key: chart, f"{key}_data": table}, step=step)
+
     def finish(self) -> None:
         """Finish the run if it started (an offline run can then be uploaded with
         ``wandb sync``)."""
@@ -269,10 +426,97 @@ class MultiLogger:
         for logger in self.loggers:
             logger.log_config(config)
 
+    def log_images(
+        self, key: str, images: Sequence[np.ndarray], captions: Sequence[str], step: int
+    ) -> None:
+        """Log the images to every logger."""
+        for logger in self.loggers:
+            logger.log_images(key, images, captions, step)
+
+    def log_curve(
+        self,
+        key: str,
+        xs: Sequence[float],
+        ys: Mapping[str, Sequence[float]],
+        step: int,
+        x_name: str,
+    ) -> None:
+        """Log the curve to every logger."""
+        for logger in self.loggers:
+            logger.log_curve(key, xs, ys, step, x_name)
+
     def finish(self) -> None:
         """Finish every logger."""
         for logger in self.loggers:
             logger.finish()
+
+
+def _file_stem(key: str) -> str:
+    """``key`` as a file-name stem: ``"eval/predictions"`` → ``"eval_predictions"``."""
+    return _UNSAFE_FILE_CHARS.sub("_", key).strip("_") or "untitled"
+
+
+CURVE_SIZE = (480, 320)  # width, height of ``curve_image``
+CURVE_PLOT_BOX = (56, 44, 464, 276)  # left, top, right, bottom of its plot area, in pixels
+
+
+def curve_image(
+    xs: Sequence[float], ys: Mapping[str, Sequence[float]], *, x_name: str, title: str
+) -> np.ndarray:
+    """A line plot of each series of ``ys`` over ``xs`` as an RGB uint8 array
+    [CURVE_SIZE[1], CURVE_SIZE[0], 3], white background.
+
+    Inside ``CURVE_PLOT_BOX`` the y axis runs from min(0, values) at the bottom edge to
+    max(1, values) at the top edge (so accuracies keep a fixed 0..1 frame) and the x axis from
+    min(xs) to max(xs) (a single x sits in the middle). Series take the colours of
+    ``_CURVE_COLOURS`` in order; non-finite values leave a gap.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    series = check_curve(xs, ys)
+    left, top, right, bottom = CURVE_PLOT_BOX
+    finite = [v for values in series.values() for v in values if math.isfinite(v)]
+    lo, hi = min([0.0, *finite]), max([1.0, *finite])
+    x_lo, x_hi = (min(xs), max(xs)) if len(xs) else (0.0, 1.0)
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        fx = 0.5 if x_hi == x_lo else (x - x_lo) / (x_hi - x_lo)
+        return left + fx * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top)
+
+    image = Image.new("RGB", CURVE_SIZE, (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    for i in range(5):
+        value = lo + (hi - lo) * i / 4
+        _, y = to_px(x_lo, value)
+        draw.line([(left, y), (right, y)], fill=(225, 225, 225))
+        draw.text((left - 6, y), f"{value:.2f}", fill=(0, 0, 0), font=font, anchor="rm")
+    tick_every = max(1, math.ceil(len(xs) / 12))
+    for x in list(xs)[::tick_every]:
+        px, _ = to_px(float(x), lo)
+        draw.line([(px, bottom), (px, bottom + 4)], fill=(0, 0, 0))
+        draw.text((px, bottom + 6), f"{x:g}", fill=(0, 0, 0), font=font, anchor="mt")
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    draw.text(((left + right) / 2, bottom + 22), x_name, fill=(0, 0, 0), font=font, anchor="mt")
+    draw.text((left, 8), title, fill=(0, 0, 0), font=font, anchor="lt")
+    legend_x = left
+    for k, (name, values) in enumerate(series.items()):
+        colour = _CURVE_COLOURS[k % len(_CURVE_COLOURS)]
+        draw.rectangle([legend_x, 26, legend_x + 10, 34], fill=colour)
+        draw.text((legend_x + 14, 30), name, fill=(0, 0, 0), font=font, anchor="lm")
+        legend_x += 24 + int(draw.textlength(name, font=font))
+        segments: list[list[tuple[float, float]]] = [[]]
+        for x, v in zip(xs, values, strict=True):
+            if math.isfinite(v):
+                segments[-1].append(to_px(float(x), v))
+            elif segments[-1]:
+                segments.append([])
+        for segment in segments:
+            if len(segment) > 1:
+                draw.line(segment, fill=colour, width=2)
+            for px, py in segment:
+                draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+    return np.asarray(image, dtype=np.uint8).copy()
 
 
 def build_logger(

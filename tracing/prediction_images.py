@@ -1,6 +1,11 @@
 """ARC rows as pictures: ``input | target | prediction`` panels and per-step accuracy curves,
 sent to a run's logger (W&B images and charts, PNGs beside ``metrics.jsonl``).
 
+The curve is exact accuracy as a function of the ACT step the answer is taken at, counted
+during an evaluation's rollouts (``StepExactCurve``): a slot's answer at step t is its decode
+at t while it runs, and its answer at its halting step after it halted, so the last point is
+the evaluation's exact accuracy.
+
 Rows are drawn as the model sees them: on the (augmented) 30×30 canvas, tokens PAD 0, EOS 1 and
 colour c as c + 2 (``evaluators.arc``). With ``crop`` each grid is cut as the ARC evaluator
 cuts it before scoring (``evaluators.arc.crop``: the largest colour rectangle at the origin), so
@@ -14,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from dataset.common import DataError
 from evaluators.arc import BLANK_IDENTIFIER_ID, CANVAS, COLOUR_OFFSET, EOS_ID, PAD_ID
@@ -279,3 +285,69 @@ def log_step_curve(
         raise ValueError("exact_by_step is empty: give one accuracy per ACT step")
     xs = [float(t) for t in range(1, len(exact_by_step) + 1)]
     logger.log_curve(key, xs, {"exact": exact_by_step, **(more or {})}, step, "ACT step")
+
+
+class StepExactCurve:
+    """Exact accuracy by ACT step over the batches of an evaluation, for ``log_step_curve``.
+
+    Per batch, call ``update`` once per rollout step in order, with that step's per-row
+    ``exact`` [B] bool (the loss head's ``row_metrics["exact_accuracy"]``), ``has_labels`` [B]
+    bool and ``newly_halted`` [B] bool (``training.rollout.RolloutStep``), then ``end_batch``.
+    A slot's answer is frozen once it halts (later steps of its slot belong to a restart), and
+    a rollout shorter than ``steps`` (halting at evaluation) keeps its answers to the end.
+    ``sums`` are counts to add over ranks (the same keys on every rank); ``curve`` turns the
+    added counts into ``steps`` accuracies (0 when nothing was labelled).
+    """
+
+    def __init__(self, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.steps = steps
+        self._hits: torch.Tensor | None = None  # [steps] int64
+        self._count: torch.Tensor | None = None
+        self._answer: torch.Tensor | None = None  # [B] bool, this batch's current answers
+        self._frozen: torch.Tensor | None = None
+        self._labelled: torch.Tensor | None = None
+        self._t = 0
+
+    def update(
+        self, exact: torch.Tensor, has_labels: torch.Tensor, newly_halted: torch.Tensor
+    ) -> None:
+        """Record one rollout step of the current batch."""
+        if self._t >= self.steps:
+            raise ValueError(f"a rollout ran more than {self.steps} ACT steps")
+        exact, has_labels = exact.bool(), has_labels.bool()
+        if self._hits is None or self._count is None:
+            self._hits = torch.zeros(self.steps, dtype=torch.int64, device=exact.device)
+            self._count = torch.zeros((), dtype=torch.int64, device=exact.device)
+        if self._answer is None or self._frozen is None or self._labelled is None:
+            self._answer, self._frozen = exact, torch.zeros_like(exact)
+            self._labelled = has_labels
+            self._count += has_labels.sum()
+        self._answer = torch.where(self._frozen, self._answer, exact)
+        self._hits[self._t] += (self._answer & self._labelled).sum()
+        self._frozen = self._frozen | newly_halted.bool()
+        self._t += 1
+
+    def end_batch(self) -> None:
+        """Close the current batch: its last answers count for the steps it did not run."""
+        if self._answer is not None and self._labelled is not None and self._hits is not None:
+            self._hits[self._t :] += (self._answer & self._labelled).sum()
+        self._answer = self._frozen = self._labelled = None
+        self._t = 0
+
+    def sums(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """``{"count": labelled rows, "exact_001": hits at step 1, ...}`` as int64 scalars."""
+        if self._answer is not None:
+            raise RuntimeError("StepExactCurve.sums before end_batch of the last batch")
+        hits = self._hits if self._hits is not None else torch.zeros(self.steps, dtype=torch.int64)
+        count = self._count if self._count is not None else torch.zeros((), dtype=torch.int64)
+        out = {"count": count.to(device)}
+        out.update({f"exact_{t + 1:03d}": hits[t].to(device) for t in range(self.steps)})
+        return out
+
+    def curve(self, reduced: Mapping[str, float]) -> list[float]:
+        """``exact_by_step`` from ``sums`` added over ranks (e.g. ``sum_over_ranks``)."""
+        count = float(reduced["count"])
+        hits = [float(reduced[f"exact_{t + 1:03d}"]) for t in range(self.steps)]
+        return [h / count if count > 0 else 0.0 for h in hits]

@@ -333,19 +333,35 @@ def test_resume_between_windows_is_bit_identical(arc_data: Path, tmp_path: Path)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_a_stop_request_is_answered_at_the_window_end(arc_data: Path, tmp_path: Path) -> None:
+def test_a_stop_request_is_answered_at_the_window_end(
+    arc_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No collective before the window's last micro-batch: the stop request, the metric sums
+    and the gradients are reduced there, once."""
     config, state = build(arc_data, tmp_path, "global_batch_size=4", "+grad_accum_steps=2")
+    calls = {"reduce_gradients": 0, "all_reduce_sum_": 0}
+    for name in calls:
+        inner = getattr(step_module, name)
+
+        def counting(*args: Any, _name: str = name, _inner: Any = inner) -> Any:
+            calls[_name] += 1
+            return _inner(*args)
+
+        monkeypatch.setattr(step_module, name, counting)
     micro = [b for _, b in zip(range(2), batches(arc_data, tmp_path / "d", 4), strict=False)]
     first = train_batch(config, state, micro[0], DistInfo(), stop_requested=True)
     assert not first.update_done and not first.stop_requested
+    assert calls == {"reduce_gradients": 0, "all_reduce_sum_": 0}
     with pytest.raises(RuntimeError, match="checkpoints fall between optimizer steps"):
         state.state_dict()
     last = train_batch(config, state, micro[1], DistInfo(), stop_requested=True)
     assert last.update_done and last.stop_requested and state.window.position == 0
+    assert calls["reduce_gradients"] == 1 and calls["all_reduce_sum_"] >= 1
     assert state.state_dict()["progress"]["step"] == 1
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # about 50 s on 2 busy cores
 def test_two_gloo_processes_accumulate_as_one(arc_data: Path, tmp_path: Path) -> None:
     """2 processes of 2 rows each, 2 micro-batches per step, train as 1 process of 4 rows: the
     gradients and the puzzle-embedding rows are reduced once per step, over both."""
@@ -356,6 +372,40 @@ def test_two_gloo_processes_accumulate_as_one(arc_data: Path, tmp_path: Path) ->
     _assert_same_training(one, two, 3)
     rank = torch.load(two / "step_3/rank_1.pt", weights_only=False)
     assert len(rank["slot_carries"]) == 2
+
+
+def test_a_non_finite_micro_batch_skips_the_whole_update(arc_data: Path, tmp_path: Path) -> None:
+    """nonfinite=skip: a NaN loss in the window's first micro-batch is caught at its end; no
+    weight, puzzle row or moment moves, and the next window starts clean."""
+    config, state = build(arc_data, tmp_path, "global_batch_size=4", "+grad_accum_steps=2",
+                          "nonfinite=skip")  # fmt: skip
+    assert state.strategy is not None
+    inner = state.strategy.compute_gradients
+    poisoned = {"left": 1}
+
+    def nan_once(*args: Any) -> Any:
+        grads = inner(*args)
+        if poisoned["left"]:
+            poisoned["left"] -= 1
+            grads.unchecked_non_finite = torch.ones(())
+        return grads
+
+    state.strategy.compute_gradients = nan_once  # type: ignore[method-assign]
+    micro = [b for _, b in zip(range(4), batches(arc_data, tmp_path / "d", 4), strict=False)]
+    before, table_before = weights(state), table(state)
+    train_batch(config, state, micro[0], DistInfo())
+    result = train_batch(config, state, micro[1], DistInfo())
+    assert result.skipped == "loss" and result.metrics == {
+        "train/nonfinite_skipped": 1.0, "train/nonfinite_streak": 1}  # fmt: skip
+    assert all(torch.equal(w, before[n]) for n, w in weights(state).items())
+    assert torch.equal(table(state), table_before)
+    assert state.slot_carries == [None, None] and state.step == 1
+    for batch in micro[2:]:
+        result = train_batch(config, state, batch, DistInfo())
+    assert result.skipped is None and state.nonfinite_streak == 0 and state.step == 2
+    moved = (table(state) != table_before).any(dim=1).nonzero().flatten().tolist()
+    fresh = torch.cat([b["puzzle_identifiers"] for b in micro[2:]]).tolist()
+    assert moved == sorted(set(fresh))  # only the rows of the clean window
 
 
 # ----------------------------------------------------------------------------------------------

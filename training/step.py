@@ -159,9 +159,11 @@ def normalize_metrics(
 ) -> dict[str, float]:
     """Metric sums over ranks → means, key by key.
 
-    Losses (a name with a ``loss`` word) / the global batch; a family's ``F/name`` / the
-    family's own ``F/count`` (the rows it counted, e.g. ``all_steps/`` every row at every step,
-    ``encoder/`` the encoded rows); bare names / ``count`` (upstream: the rows that halted).
+    Losses (a name with a ``loss`` word) / ``global_batch_size`` (with gradient accumulation
+    the caller passes the effective batch, the micro-batches' sums being added); a family's
+    ``F/name`` / the family's own ``F/count`` (the rows it counted, e.g. ``all_steps/`` every
+    row at every step, ``encoder/`` the encoded rows); bare names / ``count`` (upstream: the
+    rows that halted).
     The ``F/count`` entries themselves are not returned; the bare ``count`` is (upstream logs
     it, always 1).
     """

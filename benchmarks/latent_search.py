@@ -6,12 +6,16 @@
 
 Per seed, as ``benchmarks.icl`` does: the colour-substitution family of
 ``dataset.synthetic_tasks`` is built with the strict split and no augmentation on a small canvas,
-and a tiny ETRM (``arch=etrm``, standard encoder) trains on the training tasks for
-``--train-steps`` steps. Its EMA weights are then evaluated on the evaluation tasks, which it
-never trained on, in one ``training.evaluation.evaluate`` pass with search
+and a tiny ETRM (``arch=etrm``, standard encoder) and a tiny TRM (``arch=trm``, the same decoder)
+train on the training tasks for ``--train-steps`` steps. Each one's EMA weights are then
+evaluated on the evaluation tasks, which no run trained on, in one
+``training.evaluation.evaluate`` pass over the few-shot evaluation rows (TRM, which reads no
+demos, gets them for the search only: ``demo_test_loader``) with search
 (``training.latent_search``, ``--search-steps`` steps of ``--lr`` with ``--optimizer``,
-``--variable``, ``--init``, leave-one-out): exact accuracy without search (``all/exact_accuracy``,
-one prediction per query, so pass@1 = pass@2 without augmentation), with search's first attempt
+``--variable``, ``--init``, leave-one-out; for TRM the search variable is a fresh
+puzzle-embedding row, as its evaluation tasks' rows were never trained): exact accuracy without
+search (``all/exact_accuracy``, one prediction per query, so pass@1 = pass@2 without
+augmentation), with search's first attempt
 (``all/tto/exact_accuracy``: pass@1) and with either attempt (``all/tto/exact_accuracy@2``:
 pass@2), and the demo log-likelihood before and after. Then the seconds and FLOPs per puzzle of
 a search of each ``--timing-steps`` count (1, 5, 20, 100) on the first evaluation batch: one
@@ -24,8 +28,8 @@ bf16 on CUDA; ``benchmarks.etrm_step``'s preset and batches) on random weights a
 tokens: the cost does not depend on what the weights learned. Demo rollouts run the model's 16
 ACT steps unless ``--recursion-steps`` says fewer.
 
-The last line printed is one JSON object: the settings, every seed's figures and, per figure,
-the mean, minimum and maximum over seeds.
+The last line printed is one JSON object: the settings, every seed's figures (``<arch>_...``)
+and, per figure, the mean, minimum and maximum over seeds.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from utils.config import compose
 from utils.distributed import DistInfo, select_device
 
 TIMING_STEPS = (1, 5, 20, 100)
+ARCHS = ("etrm", "trm")
 EXACT, SEARCH_EXACT, SEARCH_EXACT_2 = (
     "all/exact_accuracy",
     "all/tto/exact_accuracy",
@@ -73,7 +78,7 @@ def _icl_defaults() -> IclSettings:
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """One measurement: the ICL run it searches (``benchmarks.icl.IclSettings``; fewer training
+    """One measurement: the ICL runs it searches (``benchmarks.icl.IclSettings``; fewer training
     steps than ``tests/test_icl.py``'s 250, so that the model has something left to find) and
     the search's options (``tto``, whose ``steps`` is the accuracy run's)."""
 
@@ -150,11 +155,12 @@ def time_search(
     return out
 
 
-def run_seed(root: Path, settings: SearchSettings, seed: int) -> dict[str, float | None]:
-    """Train, search-evaluate and time one seed's ETRM (keys: the module docstring's)."""
-    icl = settings.icl
-    data, bound = build_family_data(root / f"seed{seed}", icl, seed)
-    config = train_config("etrm", data, root / f"seed{seed}" / "etrm", icl, seed)
+def search_arch(
+    arch: str, data: Path, run_dir: Path, settings: SearchSettings, seed: int
+) -> dict[str, float | None]:
+    """Train ``arch`` on ``data``, then evaluate it with search and time the search; the
+    figures of the module docstring, unprefixed."""
+    config = train_config(arch, data, run_dir, settings.icl, seed)
     started = time.perf_counter()
     outcome = train(config)
     trained = round(time.perf_counter() - started, 1)
@@ -163,8 +169,6 @@ def run_seed(root: Path, settings: SearchSettings, seed: int) -> dict[str, float
     tto = settings.tto.model_copy(update={"seed": seed})
     metrics = accuracy_with_search(config, state, loader, tto)
     out: dict[str, float | None] = {
-        "seed": seed,
-        "demo_free_bound": bound,
         "train_seconds": trained,
         "puzzles": metrics["tto/puzzles"],
         "exact_no_search": metrics[EXACT],
@@ -177,6 +181,19 @@ def run_seed(root: Path, settings: SearchSettings, seed: int) -> dict[str, float
     }
     _, batch, _ = next(iter(loader))
     out.update(time_search(state.model, batch, tto, settings.timing_steps, settings.rounds))
+    return out
+
+
+def run_seed(
+    root: Path, settings: SearchSettings, seed: int, archs: Sequence[str] = ARCHS
+) -> dict[str, float | None]:
+    """Build one seed's family, then train, search-evaluate and time each model of ``archs``:
+    ``seed``, ``demo_free_bound`` and ``<arch>_<figure>`` for the module docstring's figures."""
+    data, bound = build_family_data(root / f"seed{seed}", settings.icl, seed)
+    out: dict[str, float | None] = {"seed": seed, "demo_free_bound": bound}
+    for arch in archs:
+        figures = search_arch(arch, data, root / f"seed{seed}" / arch, settings, seed)
+        out.update({f"{arch}_{k}": v for k, v in figures.items()})
     return out
 
 
@@ -219,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     defaults = SearchSettings()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--archs", nargs="+", choices=ARCHS, default=list(ARCHS))
     p.add_argument("--workdir", help="keep the data and runs here (default: a temporary folder)")
     p.add_argument("--arc-scale", action="store_true", help="time the search at ARC scale only")
     p.add_argument("--device", default="auto")
@@ -251,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_latent_search_") as tmp:
         root = Path(a.workdir) if a.workdir else Path(tmp)
         for seed in a.seeds:
-            figures = run_seed(root, settings, seed)
+            figures = run_seed(root, settings, seed, a.archs)
             print(json.dumps(figures), flush=True)
             runs.append(figures)
     report = {"settings": _jsonable(asdict(settings)), "runs": runs, "summary": summarise(runs)}

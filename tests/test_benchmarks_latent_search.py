@@ -29,14 +29,18 @@ def test_the_report_line(capsys: pytest.CaptureFixture) -> None:
     assert report["settings"]["timing_steps"] == [1, 3]
     (run,) = report["runs"]
     assert run == json.loads(lines[-2])  # each seed's line comes before the report
-    assert run["seed"] == 0 and run["puzzles"] >= 8  # every evaluation task's test pairs
-    assert 0 <= run["exact_search"] <= run["pass@2_search"] <= 1
-    assert run["pass@2_no_search"] == run["exact_no_search"]
-    # The best latent is chosen over a trajectory that starts at the start.
-    assert run["demo_loglik_start"] <= run["demo_loglik_best"] < 0
-    assert 0 <= run["best_is_start"] <= 1
-    assert run["seconds_per_puzzle@1"] > 0 and run["seconds_per_puzzle@3"] > 0
-    # Every step costs the same demo forward and backward, so FLOPs grow with the steps.
-    assert run["flops_per_puzzle@3"] > run["flops_per_puzzle@1"] > 0
+    assert run["seed"] == 0
+    for arch in ("etrm", "trm"):
+        figure = {k.removeprefix(f"{arch}_"): v for k, v in run.items() if k.startswith(arch)}
+        assert figure["puzzles"] >= 8  # every evaluation task's test pairs, one row each
+        assert 0 <= figure["exact_search"] <= figure["pass@2_search"] <= 1
+        assert figure["pass@2_no_search"] == figure["exact_no_search"]
+        # The best latent is chosen over a trajectory that includes the start.
+        assert figure["demo_loglik_start"] <= figure["demo_loglik_best"] < 0
+        assert 0 <= figure["best_is_start"] <= 1
+        assert figure["seconds_per_puzzle@1"] > 0 and figure["seconds_per_puzzle@3"] > 0
+        # Every step costs the same demo forward and backward, so FLOPs grow with the steps.
+        assert figure["flops_per_puzzle@3"] > figure["flops_per_puzzle@1"] > 0
+    assert run["etrm_puzzles"] == run["trm_puzzles"]  # the same rows
     assert set(report["summary"]) == set(run) - {"seed"}
-    assert report["summary"]["exact_search"]["mean"] == run["exact_search"]
+    assert report["summary"]["etrm_exact_search"]["mean"] == run["etrm_exact_search"]

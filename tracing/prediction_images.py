@@ -54,7 +54,7 @@ _NUM_TOKENS = COLOUR_OFFSET + len(ARC_PALETTE)
 _TOKEN_RGB = np.zeros((_NUM_TOKENS, 3), dtype=np.uint8)
 _TOKEN_RGB[PAD_ID], _TOKEN_RGB[EOS_ID] = PAD_COLOUR, EOS_COLOUR
 _TOKEN_RGB[COLOUR_OFFSET:] = ARC_PALETTE
-_SEQ_LEN = CANVAS * CANVAS
+SEQ_LEN = CANVAS * CANVAS  # the tokens of one ARC row
 
 
 def _numpy(value: Any) -> np.ndarray:
@@ -170,9 +170,9 @@ def _rows_of(merged: Mapping[str, Any], key: str, rows: np.ndarray) -> np.ndarra
     value = merged[key]
     index = rows.tolist()  # a list indexes tensors (on any device) and arrays alike
     picked = _numpy(value[index] if hasattr(value, "detach") else np.asarray(value)[index])
-    if picked.ndim != 2 or picked.shape[1] != _SEQ_LEN:
+    if picked.ndim != 2 or picked.shape[1] != SEQ_LEN:
         raise DataError(
-            f"prediction images: {key} must be [N, {_SEQ_LEN}] (ARC's 30×30 canvas), got "
+            f"prediction images: {key} must be [N, {SEQ_LEN}] (ARC's 30×30 canvas), got "
             f"{list(picked.shape)}; log_predictions_every applies to ARC data only"
         )
     return picked

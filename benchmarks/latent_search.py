@@ -10,7 +10,7 @@ and a tiny ETRM (``arch=etrm``, standard encoder) and a tiny TRM (``arch=trm``, 
 train on the training tasks for ``--train-steps`` steps. Each one's EMA weights are then
 evaluated on the evaluation tasks, which no run trained on, in one
 ``training.evaluation.evaluate`` pass over the few-shot evaluation rows (TRM, which reads no
-demos, gets them for the search only: ``demo_test_loader``) with search
+demos, gets them for the search only: ``training.evaluation.search_loader``) with search
 (``training.latent_search``, ``--search-steps`` steps of ``--lr`` with ``--optimizer``,
 ``--variable``, ``--init``, leave-one-out; for TRM the search variable is a fresh
 puzzle-embedding row, as its evaluation tasks' rows were never trained): exact accuracy without
@@ -45,18 +45,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from benchmarks import etrm_step
 from benchmarks.icl import IclSettings, build_family_data, train, train_config
-from dataset.demos import DEMO_FIELDS
-from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
-from models.family import family_of
 from models.recursive_reasoning.common import ModelDims
 from training.checkpointing import evaluation_weights
 from training.config import PretrainConfig, load_pretrain_config
-from training.data import create_dataloader, reads_demos
-from training.evaluation import SearchPlan, evaluate
+from training.evaluation import SearchPlan, evaluate, search_loader
 from training.latent_search import TTOConfig, search
 from training.state import TrainState, build_model
 from utils.checkpoint import load_checkpoint_files, load_model_weights
@@ -88,31 +83,12 @@ class SearchSettings:
     rounds: int = 3
 
 
-def demo_test_loader(config: PretrainConfig) -> tuple[DataLoader, PuzzleDataset]:
-    """The few-shot evaluation loader (every query with its task's demos) for any model: the
-    one ``training.data.create_dataloader`` gives a demonstration-reading family, and for TRM,
-    which reads no demos, the same rows with the demo fields added for the search."""
-    if reads_demos(config):
-        return create_dataloader(config, "test", DistInfo(), test_set_mode=True)
-    fields = [*family_of(config.arch).batch_fields, *DEMO_FIELDS]
-    dataset = PuzzleDataset(
-        PuzzleDatasetConfig(
-            seed=config.seed, dataset_paths=config.data_paths_test or config.data_paths,
-            global_batch_size=config.global_batch_size, test_set_mode=True, epochs_per_iter=1,
-            fields=fields, sampler="few_shot_eval",
-            sampler_options={"max_demos": config.max_demos, "max_groups": config.max_eval_groups},
-        ),
-        split="test",
-    )  # fmt: skip
-    return DataLoader(dataset, batch_size=None), dataset
-
-
 def load_trained(config: PretrainConfig, checkpoint: Path) -> tuple[TrainState, Any]:
     """The checkpoint's EMA weights in a fresh model, and its few-shot test loader
-    (``demo_test_loader``)."""
+    (``training.evaluation.search_loader``)."""
     dist_info = DistInfo()
     shared, _ = load_checkpoint_files(checkpoint, rank=0)
-    loader, data = demo_test_loader(config)
+    loader, data = search_loader(config, dist_info)
     head, family = build_model(config, data, dist_info)
     load_model_weights(head, evaluation_weights(shared, use_ema=True), resize_puzzle_emb=False,
                        source=str(checkpoint))  # fmt: skip

@@ -205,10 +205,12 @@ def etrm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return outcome.last_checkpoint
 
 
-def _evaluate(checkpoint: Path, out: Path, tto: TTOConfig | None = None) -> dict[str, float]:
+def _evaluate(
+    checkpoint: Path, out: Path, tto: TTOConfig | None = None, groups: int | None = GROUPS_EVALUATED
+) -> dict[str, float]:
     extra = {} if tto is None else {"tto": tto}
     ecfg = EvaluateConfig(checkpoint=str(checkpoint), output_dir=str(out),
-                          max_eval_groups=GROUPS_EVALUATED, **extra)  # fmt: skip
+                          max_eval_groups=groups, **extra)  # fmt: skip
     return run_evaluate(ecfg, DistInfo())
 
 
@@ -283,6 +285,39 @@ def test_search_on_keeps_the_plain_results_beside_its_own(
     summary = json.loads((tto_dir / "evaluation.json").read_text())
     assert summary["tto"] == SEARCH.model_dump()
     assert summary["metrics"] == searched
+
+
+@pytest.fixture(scope="module")
+def trm_checkpoint(etrm_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny TRM trained on the same strict build: the evaluation tasks' embedding rows are
+    never trained."""
+    data = etrm_checkpoint.parents[1] / "arc_strict"
+    run_dir = tmp_path_factory.mktemp("trm") / "run"
+    outcome = train(make_config(data, run_dir, "evaluators=[{name: arc}]", "max_steps=2"))
+    assert outcome.last_checkpoint is not None
+    return outcome.last_checkpoint
+
+
+def test_trm_searches_a_fresh_embedding_row(
+    trm_checkpoint: Path, etrm_checkpoint: Path, tmp_path: Path
+) -> None:
+    """evaluate.py on a TRM checkpoint with search: each query's fresh puzzle-embedding row is
+    searched on its task's demos (which TRM's own loader does not give), and the plain ARC
+    scores and submission are those of the evaluation without search (all 3 task groups: TRM's
+    own test loader evaluates every group)."""
+    plain = _evaluate(trm_checkpoint, tmp_path / "plain", groups=None)
+    searched = _evaluate(trm_checkpoint, tmp_path / "tto", SEARCH, groups=None)
+    arc = {k: v for k, v in plain.items() if k.startswith("ARC/")}
+    assert arc and {k: searched[k] for k in arc} == arc
+    plain_submission = (tmp_path / "plain" / "submission.json").read_bytes()
+    assert (tmp_path / "tto" / "submission_no_tto.json").read_bytes() == plain_submission
+    data = etrm_checkpoint.parents[1] / "arc_strict"  # both models' build
+    solutions = json.loads((data / "test_puzzles.json").read_text())
+    submission = json.loads((tmp_path / "tto" / "submission.json").read_text())
+    assert submission.keys() == json.loads(plain_submission).keys()
+    assert searched["tto/puzzles"] == 2 * sum(len(solutions[t]["test"]) for t in submission)
+    assert searched["tto/demo_loglik_best"] > searched["tto/demo_loglik_start"]
+    assert "ARC-tto/pass@2" in searched
 
 
 def test_the_yaml_defaults_are_the_schemas() -> None:

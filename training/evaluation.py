@@ -170,7 +170,7 @@ def evaluate(
                 saved.append({k: source[k][:n].cpu() for k in save_keys if k in source})
             if plan is not None:
                 found = search(model, batch, plan.config)
-                _add_search(search_sums, set_name, batch, outputs, found)
+                _add_search(search_sums, set_name, batch, found)
                 attempts = _attempt_outputs(found)
                 for ev in plan.evaluators:
                     ev.update_batch(batch, attempts)
@@ -208,7 +208,6 @@ def _add_search(
     sums: dict[str, torch.Tensor],
     set_name: str,
     batch: Batch,
-    outputs: dict[str, torch.Tensor],
     found: SearchOutput,
 ) -> None:
     """Add one batch's search sums to ``sums`` (float64 scalars, on the batch's device)."""

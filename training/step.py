@@ -23,7 +23,9 @@ optimizer step) calls ``train_batch`` once per micro-batch. Each micro-batch run
 carry slot (``TrainState.slot_carries``), the strategy adds its gradients to ``.grad`` with the
 loss divided by ``global_batch_size × k`` (``StepStrategy.loss_divisor``), the puzzle-embedding
 optimizer keeps its (ids, rows) aside, and its metric sums and non-finite flag are added up on
-the device: no collective and no host read until the last micro-batch. That one does the rest
+the device: no collective and no host read until the last micro-batch (Jacobian descent alone
+checks each micro-batch's loss on every rank and, for objectives every rank shares, sums each
+micro-batch's Jacobian over ranks: ``training.strategies``). The last one does the rest
 of the step once: the cross-rank reduction, the norms, the non-finite check, clipping, the
 optimizers and the schedule (``step`` counts optimizer steps), the EMA, and the metrics, summed
 over the micro-batches and normalised by ``global_batch_size × k``, with

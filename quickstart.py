@@ -118,13 +118,16 @@ def measure(config: PretrainConfig, started: float) -> Estimate:
     state = create_train_state(config, train_data, dist_info)
     setup_s = time.perf_counter() - started
 
-    per_iteration = [train_data.num_batches(i) for i in range(config.iterations)]
+    # Counted in optimizer steps: with gradient accumulation each takes k loader batches, and an
+    # iteration's last batches % k are not trained on (training.step).
+    k = config.accumulation_steps
+    per_iteration = [train_data.num_batches(i) // k for i in range(config.iterations)]
     eval_batches = eval_data.num_batches(0) if eval_data is not None else 0
     counts = count_run(config, per_iteration, eval_batches, state.total_steps)
 
     times: list[float] = []
     batches = iter(train_data)
-    for i in range(WARMUP_STEPS + TIMED_STEPS):
+    for i in range((WARMUP_STEPS + TIMED_STEPS) * k):
         item = next(batches, None)
         if item is None:  # fewer batches than are timed: the run is that short anyway
             break
@@ -132,9 +135,9 @@ def measure(config: PretrainConfig, started: float) -> Estimate:
         train_batch(config, state, item[1], dist_info)
         if dist_info.device.type == "cuda":
             torch.cuda.synchronize()
-        if i >= WARMUP_STEPS:
+        if i >= WARMUP_STEPS * k:
             times.append(time.perf_counter() - t0)
-    step_s = statistics.fmean(times) * LOOP_OVERHEAD if times else 0.0
+    step_s = statistics.fmean(times) * k * LOOP_OVERHEAD if times else 0.0
 
     eval_batch_s = 0.0
     if eval_data is not None:

@@ -11,6 +11,10 @@ Prints the metrics (last line: one JSON object) and writes into ``output_dir``:
 training run's (``training.data.create_dataloader``), so a model conditioned on demonstrations
 gets its few-shot batches; ``max_eval_groups=N`` evaluates the first N task groups.
 
+``trace.enabled=True`` (with the ``trace.*`` keys of ``python -m tracing.trace``) traces every
+ACT step of the evaluation instead (``tracing.trace.run_trace``): a trace folder for
+``python -m tracing.viewer`` and the per-step table.
+
 Test-time latent search (``training.latent_search``; off by default, ``tto.steps=0``):
 
     python evaluate.py checkpoint=... tto.steps=20 tto.lr=0.1 tto.optimizer=adam \
@@ -50,6 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluators.arc import ARC
 from evaluators.arc_tto import NO_SEARCH_SUBMISSION, build_search_evaluators
 from evaluators.base import build_evaluators
+from tracing.config import TraceConfig
 from training.checkpointing import check_evaluation_data, evaluation_weights
 from training.config import (
     EvaluateConfig,
@@ -172,9 +177,11 @@ def guard(ecfg: EvaluateConfig, resolved: Resolved, is_main: bool) -> Contaminat
 
 def load_evaluate_config(cfg: DictConfig) -> EvaluateConfig:
     """Validate ``cfg``; ``checkpoint`` is mandatory (``???`` in the YAML), which is said after
-    any misspelt key (so that ``chekpoint=x`` is answered as a typo)."""
+    any misspelt key (so that ``chekpoint=x`` is answered as a typo). The ``trace`` section is
+    ``load_configs``'s."""
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
+    data.pop("trace", None)
     missing = OmegaConf.is_missing(cfg, "checkpoint") or not cfg.get("checkpoint")
     if missing:
         data["checkpoint"] = ""
@@ -233,15 +240,38 @@ def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
     return result.metrics
 
 
+def load_configs(cfg: DictConfig) -> tuple[EvaluateConfig, TraceConfig]:
+    """The evaluation's keys and its ``trace`` section (``tracing.config.TraceConfig``)."""
+    section = cfg.get("trace")
+    data = OmegaConf.to_container(section, resolve=True) if section is not None else {}
+    trace = validate_model(TraceConfig, data, prefix="trace")
+    return load_evaluate_config(cfg), trace
+
+
+def run_trace_instead(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistInfo) -> None:
+    """``trace.enabled=True``: ``python -m tracing.trace``'s work, its table and JSON line."""
+    from tracing.per_step import format_table
+    from tracing.trace import run_trace  # imports this module: not at the top
+
+    per_step = run_trace(ecfg, trace, dist_info)
+    if dist_info.is_main:
+        print(format_table(per_step))
+        print(f"trace written to {trace.out}")
+        print(json.dumps(per_step))
+
+
 @hydra.main(config_path="config", config_name="cfg_evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
-        ecfg = load_evaluate_config(cfg)
+        ecfg, trace = load_configs(cfg)
         dist_info = init_distributed(ecfg.device)
         try:
             # Every collective of an evaluation follows work of unequal length (the
             # evaluators' results on rank 0): the slow timeout.
-            with collective_phase("evaluation", slow=True):
+            with collective_phase("trace" if trace.enabled else "evaluation", slow=True):
+                if trace.enabled:
+                    run_trace_instead(ecfg, trace, dist_info)
+                    return
                 metrics = run(ecfg, dist_info)
         finally:
             cleanup()

@@ -137,10 +137,26 @@ def test_traced_last_step_equals_evaluate_py(
 # ----------------------------------------------------------------------------------------------
 # Determinism and perturbations
 # ----------------------------------------------------------------------------------------------
-def test_trace_is_deterministic(checkpoint: Path, traced: Path, tmp_path: Path) -> None:
+def test_trace_is_deterministic(
+    checkpoint: Path, traced: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A second trace, through ``python evaluate.py trace.enabled=True``, writes the same
+    files as the first (``run_trace``)."""
+    import evaluate
+
     out = tmp_path / "again"
-    tc = TraceConfig(aug="all", probe_l_steps=True, out=str(out), perturb=PERTURB, shard_size=7)
-    run_trace(_ecfg(checkpoint, tmp_path / "eval"), tc, DistInfo())
+    cfg = compose("cfg_evaluate", overrides=[
+        f"checkpoint={checkpoint}", "evaluators=[{name: arc}]", f"output_dir={tmp_path / 'eval'}",
+        "trace.enabled=True", "trace.aug=all", "trace.probe_l_steps=True", f"trace.out={out}",
+        "trace.shard_size=7",
+    ])  # fmt: skip
+    cfg.trace.perturb = PERTURB
+    ecfg, tc = evaluate.load_configs(cfg)
+    assert tc.enabled and tc.perturbations()[1].target == "injection"
+    evaluate.run_trace_instead(ecfg, tc, DistInfo())
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-2] == f"trace written to {out}"
+    assert json.loads(printed[-1]) == json.loads((out / "per_step.json").read_text())
     first = json.loads((traced / "index.json").read_text())
     second = json.loads((out / "index.json").read_text())
     # 27 records, 7 per shard

@@ -365,6 +365,21 @@ def test_flops_grow_linearly_with_the_steps() -> None:
     assert run(head, batch, steps=1).flops is None
 
 
+@pytest.mark.parametrize("arch", ["etrm", "trm"])
+def test_counting_flops_leaves_the_search_bit_identical(arch: str) -> None:
+    """The counting mode decomposes silu's backward into other kernels; before the count ran
+    on separate passes, these searches' trajectories differed in the last float bits."""
+    head = etrm_head() if arch == "etrm" else trm_head()
+    batch = rule_batch(3)
+    counted = run(head, batch, steps=3, count_flops=True)
+    plain = run(head, batch, steps=3, count_flops=False)
+    assert counted.flops is not None and counted.flops > 0 and plain.flops is None
+    for name in ("preds", "q_halt_logits", "demo_loglik", "loglik_start", "loglik_trajectory"):
+        got, expected = getattr(counted, name), getattr(plain, name)
+        assert torch.equal(got.nan_to_num(-1.0), expected.nan_to_num(-1.0)), name
+    assert torch.equal(counted.best_is_start, plain.best_is_start)
+
+
 # ----------------------------------------------------------------------------------------------
 # The model is left as it was
 # ----------------------------------------------------------------------------------------------

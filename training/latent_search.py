@@ -70,10 +70,15 @@ Decisions (each one is a rule of this module):
   query and demos, so a row's search does not depend on the other rows of its batch.
 * Rows without any demo (padding) are not searched: their predictions are the plain ones and
   their likelihoods NaN.
-* Cost: ``seconds`` is the wall time of the whole call; ``flops`` counts (FlopCounterMode, the
-  matmul-class operations) the start's encodings, the first step (times ``steps``: every step
-  does the same work), the final scoring and the query rollouts. ``chunk_rows`` bounds the
-  decoder rows per forward; gradients accumulate over chunks exactly.
+* Cost: ``flops`` counts (FlopCounterMode, the matmul-class operations) the start's encodings,
+  one scoring step (times ``steps``: every step does the same work; a random-search step is
+  ``num_perturbed`` scorings), the final scoring (random search: the start's) and the query
+  rollouts. The counting mode runs some operations through other kernels (silu's backward is
+  decomposed), so it is never on while the search computes: each counted part is run once more
+  on copies, its result discarded, no state updated and no random number drawn, and the search's
+  results are bit-identical with and without ``count_flops``. ``seconds`` is the wall time of
+  the call less those counting passes. ``chunk_rows`` bounds the decoder rows per forward;
+  gradients accumulate over chunks exactly.
 * The weights are never changed: every parameter's ``requires_grad`` is switched off for the
   search and, with every module's train/eval mode, restored afterwards; a compiled or DDP
   wrapper is bypassed (the hooks need the eager module).
@@ -155,7 +160,9 @@ class TTOConfig(StrictModel):
     chunk_rows: int | None = Field(
         None, ge=1, description="decoder rows per forward (memory bound); None = all at once"
     )
-    count_flops: bool = Field(True, description="measure the search's FLOPs (FlopCounterMode)")
+    count_flops: bool = Field(
+        True, description="measure the search's FLOPs (FlopCounterMode, on separate passes)"
+    )
     seed: int = Field(0, description="seed of the perturbations and of the offset's U")
 
     @property
@@ -179,7 +186,8 @@ class SearchOutput:
       start); NaN for candidates a row does not have.
     * ``best_is_start`` bool [B]: the first attempt is a starting point.
     * ``searched`` bool [B]: rows with at least one demo; the others' likelihoods are NaN.
-    * ``seconds``: wall time of the search; ``flops``: its FLOPs (None when not counted).
+    * ``seconds``: wall time of the search (FLOP counting excluded); ``flops``: its FLOPs (None
+      when not counted).
     """
 
     preds: torch.Tensor
@@ -727,19 +735,40 @@ class _Optimizer:
 # FLOP metering
 # ----------------------------------------------------------------------------------------------
 class _Meter:
+    """FLOPs counted on separate, discarded passes of the search's representative parts.
+
+    The counting mode changes what runs under it (it decomposes the operations it has no
+    formula for, such as silu's backward, into other kernels that round differently), so no pass
+    whose result the search keeps ever runs under it. A measured pass reads copies of its inputs,
+    updates nothing and consumes no random numbers; ``seconds`` is the time the measuring took.
+    """
+
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.flops = 0.0
+        self.seconds = 0.0
 
-    @contextlib.contextmanager
-    def count(self, times: float = 1.0) -> Iterator[None]:
+    def measure(self, times: float, device: torch.device, work: Callable[[], object]) -> None:
+        """Add ``times`` × the FLOPs of one call of ``work`` (its result is discarded)."""
         if not self.enabled or times == 0:
-            yield
             return
+        started = time.perf_counter()
+        accelerators = [] if device.type == "cpu" else [_device_index(device)]
         mode = FlopCounterMode(display=False)
-        with mode:
-            yield
+        with torch.random.fork_rng(accelerators, device_type=device.type), mode:
+            work()
         self.flops += times * float(mode.get_total_flops())
+        self.seconds += time.perf_counter() - started
+
+
+def _device_index(device: torch.device) -> int:
+    if device.index is not None:
+        return device.index
+    return torch.get_device_module(device.type).current_device()
+
+
+def _copied(batch: Batch) -> Batch:
+    return {k: v.clone() for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -756,18 +785,22 @@ def search(head: nn.Module, batch: Batch, config: TTOConfig) -> SearchOutput:
     """
     started = time.perf_counter()
     model = _unwrap(head)
+    meter = _Meter(config.count_flops)
     with torch.inference_mode(False), torch.enable_grad(), _frozen(model):
-        batch = {k: v.clone() for k, v in batch.items()}
-        out = _search(model, batch, config)
-    return replace(out, seconds=time.perf_counter() - started)
+        out = _search(model, _copied(batch), config, meter)
+    return replace(out, seconds=time.perf_counter() - started - meter.seconds)
 
 
-def _search(head: nn.Module, batch: Batch, config: TTOConfig) -> SearchOutput:
+def _search(head: nn.Module, batch: Batch, config: TTOConfig, meter: _Meter) -> SearchOutput:
     act = getattr(head, "model", head)
     steps = config.recursion_steps or int(act.config.halt_max_steps)
-    meter = _Meter(config.count_flops)
-    with meter.count():
-        problem, injector = _build_problem(head, batch, config)
+    device = batch["inputs"].device
+
+    def build_and_discard() -> None:
+        _build_problem(head, _copied(batch), config)[1].remove()
+
+    meter.measure(1.0, device, build_and_discard)
+    problem, injector = _build_problem(head, batch, config)
     try:
         gens = _row_generators(batch, config.seed)
         state = _initial_state(problem, config, gens)
@@ -780,28 +813,36 @@ def _search(head: nn.Module, batch: Batch, config: TTOConfig) -> SearchOutput:
         def evaluate(current: _State, grad: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
             return _score(head, injector, problem, current, steps, grad, config.chunk_rows)
 
+        def evaluate_copy(grad: bool) -> Callable[[], object]:
+            copy = _State([x.clone() for x in state.tensors], state.offset, state.anchor.clone())
+            return lambda: evaluate(copy, grad)
+
+        # A scoring's work depends on the shapes only: one of each kind stands for all. Gradient
+        # ascent scores with grad at every step and once more without at the end; random search
+        # scores its start, then num_perturbed draws at every step.
+        gradient = config.method == "gradient"
+        meter.measure(1.0, device, evaluate_copy(False))
+        if gradient:
+            meter.measure(float(config.steps), device, evaluate_copy(True))
+        else:
+            meter.measure(float(config.steps * config.num_perturbed), device, evaluate_copy(False))
+
         ll: torch.Tensor | None = None
         grads: list[torch.Tensor] = []
         for t in range(config.steps + 1):
             last = t == config.steps
             if ll is None:
-                # Metered once: the first gradient step stands for every one; the final
-                # scoring (and random search's only scoring, its start) counts once.
-                gradient = config.method == "gradient"
-                times = 1.0 if last or not gradient else (float(config.steps) if t == 0 else 0.0)
-                with meter.count(times):
-                    ll, grads = evaluate(state, gradient and not last)
+                ll, grads = evaluate(state, gradient and not last)
             trajectory[:, :, t] = torch.where(problem.cand_valid, ll, math.nan)
             top.update(state.query_values(), ll, problem.cand_valid, t)
             if last:
                 break
-            if config.method == "gradient":
+            if gradient:
                 with torch.no_grad():
                     optimizer.step(state.tensors, _clip_per_candidate(grads, config.clip_norm), t)
                 ll = None
             else:
-                with meter.count(float(config.steps) if t == 0 else 0.0):
-                    state, ll = _random_step(state, ll, evaluate, problem, config, gens)
+                state, ll = _random_step(state, ll, evaluate, problem, config, gens)
 
         A = 1 if C == 1 and config.steps == 0 else 2
         values, att_ll = top.attempts(A)
@@ -809,8 +850,14 @@ def _search(head: nn.Module, batch: Batch, config: TTOConfig) -> SearchOutput:
         plain = problem.plain.float().unsqueeze(1).expand_as(values)
         extra = values.dim() - 2
         values = torch.where(searched.view(-1, 1, *([1] * extra)), values, plain)
-        with meter.count():
-            preds, q_halt = _predict(head, injector, batch, values, config.chunk_rows)
+        # The query rollouts halt on the model's own signal: measured on these very values.
+        query_values = values.clone()
+        meter.measure(
+            1.0,
+            device,
+            lambda: _predict(head, injector, _copied(batch), query_values, config.chunk_rows),
+        )
+        preds, q_halt = _predict(head, injector, batch, values, config.chunk_rows)
     finally:
         injector.remove()
     nan = torch.tensor(math.nan, dtype=torch.float64, device=att_ll.device)

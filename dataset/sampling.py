@@ -20,6 +20,11 @@ Registered here:
 * ``sequential``: upstream's test mode (``PuzzleDataset._iter_test``), every example once in
   order, in windows of ``global_batch_size``.
 
+Both take ``max_groups`` (``None``: every group): only the first N groups of each set, in the
+builder's order, are used, the groups ``dataset.few_shot``'s samplers keep for the same option.
+A set's groups, their puzzles and the puzzles' examples are stored in order, so the first N
+groups are a prefix of its puzzles and of its example rows.
+
 ``dataset.few_shot`` registers the samplers that also choose each row's demonstrations
 (``few_shot``, ``few_shot_eval``); the registry imports it on the first lookup.
 
@@ -39,6 +44,7 @@ import numpy as np
 from dataset.common import PuzzleDatasetMetadata
 from dataset.reader import SetData
 from utils.registry import Registry
+from utils.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -127,6 +133,26 @@ class Sampler(ABC):
 SAMPLERS: Registry[type[Sampler]] = Registry("sampler", modules=["dataset.few_shot"])
 
 
+def checked_max_groups(max_groups: object) -> int | None:
+    """``max_groups`` as given, or a one-line ``ConfigError`` when it is not None or an int >= 1."""
+    if max_groups is not None and (
+        isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1
+    ):
+        raise ConfigError(f"max_groups must be None or an integer >= 1, got {max_groups!r}")
+    return max_groups
+
+
+def kept_groups(set_data: SetData, max_groups: int | None) -> int:
+    """How many of the set's groups the first ``max_groups`` (None: all) are."""
+    return set_data.num_groups if max_groups is None else min(max_groups, set_data.num_groups)
+
+
+def kept_examples(set_data: SetData, max_groups: int | None) -> int:
+    """Example rows of the set's first ``max_groups`` groups: rows 0 up to this (exclusive)."""
+    puzzles = int(set_data.group_indices[kept_groups(set_data, max_groups)])
+    return int(set_data.puzzle_indices[puzzles])
+
+
 @dataclass
 class _UniformPlan(SetPlan):
     """One set's visits for one counter: the variant picked per visited group, packed."""
@@ -174,11 +200,31 @@ class UniformSampler(Sampler):
 
     counter_step = 1
 
+    def __init__(
+        self,
+        sets: Sequence[SetData],
+        metadata: PuzzleDatasetMetadata,
+        *,
+        seed: int,
+        global_batch_size: int,
+        epochs_per_iter: int,
+        max_groups: int | None = None,
+    ) -> None:
+        super().__init__(
+            sets,
+            metadata,
+            seed=seed,
+            global_batch_size=global_batch_size,
+            epochs_per_iter=epochs_per_iter,
+        )
+        self.max_groups = checked_max_groups(max_groups)
+
     def plan(self, set_index: int, counter: int) -> _UniformPlan:
         set_data = self.sets[set_index]
+        num_groups = kept_groups(set_data, self.max_groups)
         rng = np.random.Generator(np.random.Philox(seed=self.seed + counter))
         group_order = np.concatenate(
-            [rng.permutation(set_data.num_groups) for _ in range(self.epochs_per_iter)]
+            [rng.permutation(num_groups) for _ in range(self.epochs_per_iter)]
         )
         groups = set_data.group_indices
         # One bounded draw per visit in order: the same stream as upstream's per-group calls.
@@ -200,10 +246,20 @@ class UniformSampler(Sampler):
         From the merged metadata, evaluated left to right in floats exactly as upstream's
         ``pretrain.py`` (``init_train_state``) and this repository's training loop did, so lr
         schedules stay bit-identical. It is an estimate of what this sampler emits: the picked
-        variants differ in size and each iteration drops its short last batch per set.
+        variants differ in size and each iteration drops its short last batch per set. With
+        ``max_groups`` keeping fewer groups than a set has, the same formula over the kept
+        groups and their puzzles.
         """
-        steps = epochs * self.metadata.total_groups * self.metadata.mean_puzzle_examples
-        return int(steps / self.global_batch_size)
+        return int(epochs * self.examples_per_epoch() / self.global_batch_size)
+
+    def examples_per_epoch(self) -> float:
+        """Upstream's estimate of the examples one epoch visits: groups × mean puzzle size."""
+        if all(kept_groups(s, self.max_groups) == s.num_groups for s in self.sets):
+            return self.metadata.total_groups * self.metadata.mean_puzzle_examples
+        groups = sum(kept_groups(s, self.max_groups) for s in self.sets)
+        puzzles = sum(int(s.group_indices[kept_groups(s, self.max_groups)]) for s in self.sets)
+        examples = sum(kept_examples(s, self.max_groups) for s in self.sets)
+        return groups * (examples / max(puzzles, 1))
 
 
 @dataclass
@@ -212,14 +268,15 @@ class _SequentialPlan(SetPlan):
 
     set_data: SetData
     global_batch_size: int
+    num_rows: int  # the rows of the kept groups: 0 .. num_rows - 1
 
     @property
     def num_batches(self) -> int:
-        return math.ceil(self.set_data.num_examples / self.global_batch_size)
+        return math.ceil(self.num_rows / self.global_batch_size)
 
     def batch(self, index: int) -> BatchRows:
         start = index * self.global_batch_size
-        end = min(self.set_data.num_examples, start + self.global_batch_size)
+        end = min(self.num_rows, start + self.global_batch_size)
         rows = np.arange(start, end)
         puzzles = np.searchsorted(self.set_data.puzzle_indices, rows, side="right") - 1
         return BatchRows(rows, puzzles, end - start, contiguous=True)
@@ -230,13 +287,35 @@ class SequentialSampler(Sampler):
     """Upstream's test mode: every example once, in order, in windows of ``global_batch_size``.
 
     Every iteration is the same pass; ``global_effective_batch_size`` is the window's size (the
-    last window of a set may be short). ``epochs_per_iter`` and ``seed`` are not used.
+    last window of a set may be short). ``epochs_per_iter`` and ``seed`` are not used. With
+    ``max_groups`` the pass covers the example rows of each set's first N groups only.
     """
 
     counter_step = 0
 
+    def __init__(
+        self,
+        sets: Sequence[SetData],
+        metadata: PuzzleDatasetMetadata,
+        *,
+        seed: int,
+        global_batch_size: int,
+        epochs_per_iter: int,
+        max_groups: int | None = None,
+    ) -> None:
+        super().__init__(
+            sets,
+            metadata,
+            seed=seed,
+            global_batch_size=global_batch_size,
+            epochs_per_iter=epochs_per_iter,
+        )
+        self.max_groups = checked_max_groups(max_groups)
+
     def plan(self, set_index: int, counter: int) -> _SequentialPlan:
-        return _SequentialPlan(self.sets[set_index], self.global_batch_size)
+        set_data = self.sets[set_index]
+        rows = kept_examples(set_data, self.max_groups)
+        return _SequentialPlan(set_data, self.global_batch_size, rows)
 
     def total_steps(self, epochs: int) -> int:
         """Exactly the windows of ``epochs`` passes."""

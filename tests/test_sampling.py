@@ -10,7 +10,16 @@ import pytest
 from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from dataset.reader import PuzzleReader
 from dataset.sampling import SAMPLERS, BatchRows, Sampler, SetPlan, UniformSampler
-from tests.test_puzzle_dataset import make, one_iteration, upstream_plan, write_split
+from tests.test_puzzle_dataset import (
+    consume,
+    examples_of,
+    make,
+    one_iteration,
+    same_batches,
+    upstream_plan,
+    write_split,
+)
+from utils.schema import ConfigError
 
 
 def config(path: Path, **changes: object) -> PuzzleDatasetConfig:
@@ -132,3 +141,71 @@ def test_a_registered_sampler_is_used_by_name(data: Path, monkeypatch: pytest.Mo
     assert batch["inputs"][:, 0].tolist() == [4, 3, 2, 1]
     assert batch["puzzle_identifiers"].tolist() == [1, 1, 1, 1]
     assert ds.state_dict()["sampler"] == "first"
+
+
+# ----------------------------------------------------------------------------------------------
+# max_groups: the first N groups of each set
+# ----------------------------------------------------------------------------------------------
+# GROUPS' first two groups: puzzles 0-2 (3, 1, 2 examples) and 3 (2): rows 0-7.
+FIRST_TWO_ROWS = 8
+
+
+@pytest.mark.parametrize("gbs", [3, 8])
+def test_sequential_max_groups_passes_the_first_groups_rows(data: Path, gbs: int) -> None:
+    ds = PuzzleDataset(config(data, test_set_mode=True, global_batch_size=gbs,
+                              sampler_options={"max_groups": 2}), "test")  # fmt: skip
+    batches = one_iteration(ds)
+    rows = np.concatenate([examples_of(b)[:effective] for _, b, effective in batches])
+    assert rows.tolist() == list(range(FIRST_TWO_ROWS))
+    assert [effective for _, _, effective in batches] == ([3, 3, 2] if gbs == 3 else [8])
+    ids = np.concatenate([b["puzzle_identifiers"][:e].numpy() for _, b, e in batches])
+    assert ids.tolist() == [1, 1, 1, 2, 3, 3, 4, 4]  # puzzle p has identifier p + 1
+    assert ds.num_batches(0) == len(batches) and ds.total_steps(2) == 2 * len(batches)
+    # As many groups as the set has, or more: every row, as without the option.
+    every = one_iteration(make(data, gbs, test=True))
+    for n in (6, 100):
+        full = PuzzleDataset(config(data, test_set_mode=True, global_batch_size=gbs,
+                                    sampler_options={"max_groups": n}), "test")  # fmt: skip
+        assert same_batches(one_iteration(full), every)
+
+
+def test_uniform_max_groups_trains_on_the_first_groups(data: Path) -> None:
+    limited = PuzzleDataset(config(data, global_batch_size=2, epochs_per_iter=4,
+                                   sampler_options={"max_groups": 2}))  # fmt: skip
+    rows = np.concatenate([examples_of(b) for _, b, _ in one_iteration(limited)])
+    assert rows.max() < FIRST_TWO_ROWS and set(rows.tolist()) >= {6, 7}  # group 1's puzzle
+    # Upstream's estimate over the kept groups: 2 groups of mean puzzle size 8 / 4 examples.
+    for epochs in (1, 5, 333):
+        assert limited.total_steps(epochs) == int(epochs * 2 * (8 / 4) / 2)
+    # Keeping every group is upstream's sampler, draw for draw.
+    for n in (6, 100):
+        every = PuzzleDataset(config(data, global_batch_size=2, epochs_per_iter=4,
+                                     sampler_options={"max_groups": n}))  # fmt: skip
+        plain = make(data, 2, epochs=4)
+        assert same_batches(one_iteration(every), one_iteration(plain))
+        assert every.total_steps(7) == plain.total_steps(7)
+
+
+def test_max_groups_is_recorded_and_a_state_without_it_resumes(data: Path) -> None:
+    plain, limited = (
+        PuzzleDataset(config(data)),
+        PuzzleDataset(config(data, sampler_options={"max_groups": 2})),
+    )
+    assert "sampler_options" not in plain.state_dict()
+    assert limited.state_dict()["sampler_options"] == {"max_groups": 2}
+    consume(plain, 2)
+    resumed = PuzzleDataset(config(data))
+    resumed.load_state_dict(plain.state_dict())
+    assert same_batches(one_iteration(resumed), one_iteration(make(data, 4))[2:])
+    with pytest.raises(ValueError, match="sampler_options"):
+        PuzzleDataset(config(data, sampler_options={"max_groups": 2})).load_state_dict(
+            make(data, 4).state_dict()
+        )
+
+
+@pytest.mark.parametrize("bad", [0, -1, "2"])
+def test_bad_max_groups_is_one_line(data: Path, bad: object) -> None:
+    for test in (False, True):
+        with pytest.raises(ConfigError, match="max_groups must be None or an integer >= 1"):
+            PuzzleDataset(config(data, test_set_mode=test, sampler_options={"max_groups": bad}),
+                          "test" if test else "train")  # fmt: skip

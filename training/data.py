@@ -4,7 +4,10 @@ fields the model family reads, and the start-up checks of the data against the r
 A family that reads ``demo_inputs`` is conditioned on demonstrations (ETRM): its training loader
 uses ``sampler`` or ``few_shot`` and its evaluation loader ``few_shot_eval`` (``dataset.few_shot``)
 with the run's ``max_demos``, ``max_train_groups``/``max_eval_groups`` and ``target_policy``, on
-ARC data whose evaluation tasks are unseen (``--split-policy strict``).
+ARC data whose evaluation tasks are unseen (``--split-policy strict``). Any other family's loaders
+are ``sampler`` (default ``uniform``) and ``sequential``, with ``max_train_groups`` and
+``max_eval_groups`` as their ``max_groups``: every family trains and evaluates on the same first
+N task groups of each set.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataset.common import DataError, PuzzleDatasetMetadata
 from dataset.few_shot import DemoSampler, FewShotSampler
 from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from dataset.reader import find_source, load_metadata
-from dataset.sampling import SAMPLERS
+from dataset.sampling import SAMPLERS, UniformSampler
 from models.family import family_of
 from training.config import PretrainConfig
 from utils.distributed import DistInfo
@@ -69,6 +72,9 @@ def create_dataloader(
     use_test_paths = split == "test" and config.data_paths_test
     paths = config.data_paths_test if use_test_paths else config.data_paths
     sampler, options = None if test_set_mode else config.sampler, {}
+    max_groups = config.max_eval_groups if test_set_mode else config.max_train_groups
+    if max_groups is not None:  # absent otherwise, so that states saved without it resume
+        options = {"max_groups": max_groups}
     if reads_demos(config):
         sampler, options = _demo_sampling(config, test_set_mode)
         check_demo_data(paths, split)
@@ -110,6 +116,8 @@ def check_train_batches(config: PretrainConfig, data: PuzzleDataset) -> None:
     per_epoch = meta.total_groups * meta.mean_puzzle_examples
     if isinstance(data.sampler, FewShotSampler):
         per_epoch = data.sampler.queries_per_epoch()
+    elif isinstance(data.sampler, UniformSampler):
+        per_epoch = data.sampler.examples_per_epoch()
     epochs = config.epochs_per_iteration
     which = "eval_interval" if config.eval_interval else "epochs"
     raise DataError(

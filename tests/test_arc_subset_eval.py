@@ -9,7 +9,9 @@ variant's frame by code in this file, plus their demonstration rows with confide
 (which must not count) and a blank padding row. Scores are worked out by hand below.
 
 ``evaluate.py max_eval_groups=2`` on a tiny ETRM checkpoint then goes through the few-shot
-evaluation loader: 2 tasks evaluated of 3, and the submission holds those 2.
+evaluation loader: 2 tasks evaluated of 3, and the submission holds those 2. On a tiny TRM
+checkpoint it goes through the sequential loader, which passes the first 2 groups' rows only,
+with the outputs the full evaluation gives them.
 """
 
 from __future__ import annotations
@@ -222,3 +224,40 @@ def test_evaluate_py_on_an_etrm_checkpoint_with_max_eval_groups(tmp_path: Path) 
     summary = json.loads((out / "evaluation.json").read_text())
     assert summary["max_eval_groups"] == 2
     assert summary["provenance"]["contaminated_decoder"] is False
+
+
+def test_evaluate_py_on_a_trm_checkpoint_with_max_eval_groups(tmp_path: Path) -> None:
+    """TRM reads no demos, so its test loader is the sequential one: ``max_eval_groups=2``
+    passes the rows of the first 2 groups (demonstration and query rows alike), the same rows
+    with the same outputs as the full evaluation's first ones."""
+    data = build_arc(tmp_path, "strict")
+    outcome = train(make_config(data, tmp_path / "run", "evaluators=[{name: arc}]", "max_steps=2"))
+    assert outcome.last_checkpoint is not None
+    keys = ["puzzle_identifiers", "inputs", "preds", "q_halt_logits"]
+    runs = {}
+    for groups in (None, 2):
+        out = tmp_path / f"eval_{groups}"
+        ecfg = EvaluateConfig(checkpoint=str(outcome.last_checkpoint), max_eval_groups=groups,
+                              output_dir=str(out), eval_save_outputs=keys)  # fmt: skip
+        metrics = run_evaluate(ecfg, DistInfo())
+        runs[groups] = metrics, torch.load(out / "eval_outputs.pt"), out
+
+    split = _test_split(data)
+    puzzles, groups = split["puzzle_indices"], split["group_indices"]
+    first_rows = int(puzzles[groups[2]])
+    assert 0 < first_rows < len(split["inputs"])
+    (full, full_out, _), (subset, sub_out, sub_dir) = runs[None], runs[2]
+    assert len(full_out["inputs"]) == len(split["inputs"])
+    sizes = np.diff(puzzles[: groups[2] + 1])  # the examples of each puzzle of groups 0 and 1
+    expected_ids = np.repeat(split["puzzle_identifiers"][: groups[2]], sizes)
+    assert sub_out["puzzle_identifiers"].tolist() == expected_ids.tolist()
+    assert torch.equal(sub_out["inputs"], torch.from_numpy(split["inputs"][:first_rows]).long())
+    for key in keys:
+        assert torch.equal(sub_out[key], full_out[key][:first_rows]), key
+
+    assert full["ARC/tasks_evaluated"] == 3 == full["ARC/tasks_total"]
+    assert subset["ARC/tasks_evaluated"] == 2 and subset["ARC/tasks_total"] == 3
+    names = json.loads((data / "identifiers.json").read_text())
+    first = {names[int(i)].split("|||")[0] for i in split["puzzle_identifiers"][: groups[2]]}
+    assert len(first) == 2
+    assert set(json.loads((sub_dir / "submission.json").read_text())) == first

@@ -67,22 +67,17 @@ def _conditioner(config: PretrainConfig, head: torch.nn.Module) -> str:
 def _select(
     frames: TaskFrames,
     batch: dict[str, torch.Tensor],
-    tasks: set[str] | None,
     identity_only: bool,
     seen: set[str],
 ) -> list[RowKey | None]:
-    """Each batch row's record, None for rows not traced (blank, demonstration, outside the
-    groups, augmented under ``aug=identity``, or already traced)."""
+    """Each batch row's record, None for rows not traced (blank, demonstration, augmented
+    under ``aug=identity``, or already traced)."""
     ids = batch["puzzle_identifiers"].numpy()
     inputs = batch["inputs"].numpy()
     keys: list[RowKey | None] = []
     for b in range(len(ids)):
         row = frames.row_key(int(ids[b]), inputs[b])
-        if row is not None and (
-            (tasks is not None and row.task not in tasks)
-            or (identity_only and row.aug != "identity")
-            or row.key in seen
-        ):
+        if row is not None and ((identity_only and row.aug != "identity") or row.key in seen):
             row = None
         if row is not None:
             seen.add(row.key)
@@ -100,8 +95,7 @@ def run_trace(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistInfo) -> 
     config = resolved.config
     check_world_size(config, dist_info.world_size)
     contamination = guard(ecfg, resolved, dist_info.is_main)
-    demo_model = reads_demos(config)
-    if trace.groups is not None and demo_model:
+    if trace.groups is not None:  # every family's test loader keeps the first N groups
         config = config.model_copy(update={"max_eval_groups": trace.groups})
     loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True)
     head, _ = build_model(config, data, dist_info)
@@ -113,9 +107,6 @@ def run_trace(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistInfo) -> 
         data.identifier_offsets,
     )
     frames = TaskFrames.from_files(base.identifier_names, base.test_puzzles)
-    tasks = None
-    if trace.groups is not None and not demo_model:
-        tasks = set(frames.order[: trace.groups])
     H = config.arch.halt_max_steps
     for p in perturbations:
         if p.step > H:
@@ -124,7 +115,7 @@ def run_trace(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistInfo) -> 
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     for _set_name, batch, _ in loader:
-        keys = _select(frames, batch, tasks, trace.aug == "identity", seen)
+        keys = _select(frames, batch, trace.aug == "identity", seen)
         rows = [b for b, k in enumerate(keys) if k is not None]
         if not rows:
             continue  # no model call: the batches of untraced groups cost nothing

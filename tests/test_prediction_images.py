@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from dataset.common import DataError
-from tracing.prediction_images import (
+from evaluators.prediction_images import (
     EOS_COLOUR,
     LINE_COLOUR,
     PAD_COLOUR,
@@ -340,3 +340,33 @@ def test_step_exact_curve_freezes_halted_answers() -> None:
         curve.update(torch.tensor([True]), torch.tensor([True]), torch.tensor([False]))
     with pytest.raises(ValueError, match="more than 4"):
         curve.update(torch.tensor([True]), torch.tensor([True]), torch.tensor([False]))
+
+
+def test_training_run_logs_prediction_views(arc_data: Path, tmp_path: Path) -> None:
+    from training.config import load_pretrain_config
+    from training.loop import run_training
+    from utils.config import compose
+    from utils.distributed import DistInfo
+
+    run_dir = tmp_path / "run"
+    overrides = [
+        "+experiment=tiny_cpu", "logger=none", "data_workers=0", "global_batch_size=8",
+        "arch=trm", "arch.hidden_size=32", "arch.H_cycles=2", "arch.L_cycles=1",
+        "arch.halt_max_steps=3", "evaluators=[]", "max_steps=3", f"data_paths=[{arc_data}]",
+        "log_predictions_every=2", "log_predictions_max_samples=3", "log_predictions_crop=False",
+    ]  # fmt: skip
+    config = load_pretrain_config(compose(overrides=overrides))
+    logger = build_logger("none", project="p", run_name="r", config={}, run_dir=run_dir,
+                          is_main=True)  # fmt: skip
+    outcome = run_training(config, DistInfo(), logger=logger)
+    logger.finish()
+    folder = run_dir / "predictions"
+    assert sorted(p.name for p in folder.glob("train_*.png")) == [
+        f"train_predictions_step2_{i}.png" for i in range(3)
+    ]
+    evals = sorted(folder.glob("eval_predictions_step3_*.png"))
+    assert len(evals) == 3
+    assert np.asarray(Image.open(evals[0])).shape == (271, 3 * 271 + 32, 3)
+    curve = json.loads((run_dir / "curves" / "eval_exact_by_step_step3.json").read_text())
+    assert curve["xs"] == [1.0, 2.0, 3.0]
+    assert curve["ys"]["exact"][-1] == outcome.eval_metrics["all/exact_accuracy"]

@@ -60,6 +60,7 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     # names, logging and checkpointing
     "project_name", "run_name", "checkpoint_path", "load_checkpoint", "resume", "keep_last",
     "checkpoint_every_eval", "checkpoint_every_steps", "logger", "log_predictions_every",
+    "log_predictions_max_samples", "log_predictions_crop",
     # where and how it runs
     "device", "compile", "deterministic", "detect_anomaly", "data_workers", "nonfinite",
     "nonfinite_max_skips", "dist_timeout_s", "dist_timeout_slow_s", "allow_data_mismatch",

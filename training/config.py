@@ -131,7 +131,8 @@ class PretrainConfig(StrictModel):
     objective: ObjectiveSpec = Field(
         default_factory=ObjectiveSpec, description="losses → objectives (Jacobian descent)"
     )
-    # Demonstration-conditioned models (arch=etrm, etrm_fct, etrmtrm; ETRM's top-level keys).
+    # ETRM's top-level keys: max_demos, target_policy and batch_fill concern demonstration-
+    # conditioned models (arch=etrm, etrm_fct, etrmtrm); the group limits apply to every family.
     max_demos: int = Field(10, ge=1, description="demo slots K per item (ETRM: 10)")
     max_train_groups: int | None = Field(
         None, ge=1, description="train on the first N task groups only (None: all)"
@@ -176,8 +177,15 @@ class PretrainConfig(StrictModel):
     log_predictions_every: int | None = Field(
         None,
         ge=0,
-        description="accepted so that ETRM's command lines run unchanged; logs nothing here "
-        "(ETRM: W&B tables of training predictions)",
+        description="ARC only: log input | target | prediction images of training rows every N "
+        "optimizer steps and of evaluation rows at every evaluation (None or 0: never)",
+    )
+    log_predictions_max_samples: int = Field(
+        32, ge=1, description="rows per prediction-image log (the first real rows)"
+    )
+    log_predictions_crop: bool = Field(
+        True,
+        description="crop each grid as the ARC evaluator does; False: the whole 30x30 canvas",
     )
     aggregator: AggregatorConfig = Field(
         default_factory=AggregatorConfig, description="TorchJD aggregator of the objectives"

@@ -38,6 +38,7 @@ from dataset.common import IGNORE_LABEL_ID
 from dataset.demos import DEMO_FIELDS
 from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from evaluators.base import Evaluator
+from evaluators.prediction_images import PredictionSample, StepExactCurve
 from models.family import family_of
 from models.losses import sum_row_metrics
 from training.config import PretrainConfig
@@ -55,6 +56,10 @@ Batch = dict[str, torch.Tensor]
 class EvalResult:
     metrics: dict[str, float]
     outputs: dict[str, torch.Tensor] | None  # saved per-example outputs (rank 0), test order
+    # Exact accuracy with the answer of ACT step 1..halt_max_steps, over every rank's rows.
+    exact_by_step: list[float] | None = None
+    # Rank 0's first rows as prediction images, when ``log_predictions_every`` is set.
+    predictions: PredictionSample | None = None
 
 
 @dataclass(frozen=True)
@@ -100,14 +105,16 @@ def _real_rows(global_effective: int, local_bs: int, rank: int) -> int:
 
 
 def _score_at_halt(
-    model: torch.nn.Module, batch: Batch, return_keys: set[str]
+    model: torch.nn.Module, batch: Batch, return_keys: set[str], curve: StepExactCurve
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-    """Per-row metrics and outputs of every slot taken at the step where it first halted."""
+    """Per-row metrics and outputs of every slot taken at the step where it first halted;
+    ``curve`` counts each step's exact answers."""
     rows: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     done = None
     for step in rollout(model, batch, sorted(return_keys)):
         out, newly = step.out, step.newly_halted
+        curve.update(out.row_metrics["exact_accuracy"], out.row_metrics["has_labels"], newly)
         per_row = {
             **out.row_metrics,
             "lm_loss": out.lm_loss_per_sample,
@@ -120,6 +127,7 @@ def _score_at_halt(
             outputs[k] = torch.where(mask, v, outputs[k]) if k in outputs else v.clone()
         done = step.done
     assert done is not None
+    curve.end_batch()
     return rows, outputs, done
 
 
@@ -149,10 +157,16 @@ def evaluate(
     search_sums: dict[str, torch.Tensor] = {}
     saved: list[dict[str, torch.Tensor]] = []
     local_bs = config.global_batch_size // dist_info.world_size
+    curve = StepExactCurve(config.arch.halt_max_steps)
+    sample = None
+    if config.log_predictions_every and dist_info.is_main:
+        sample = PredictionSample(config.log_predictions_max_samples, config.log_predictions_crop)
     with torch.inference_mode():
         for set_name, batch, global_effective in loader:
             batch = {k: v.to(dist_info.device) for k, v in batch.items()}
-            rows, outputs, done = _score_at_halt(model, batch, return_keys)
+            rows, outputs, done = _score_at_halt(model, batch, return_keys, curve)
+            if sample is not None:
+                sample.add(batch, outputs)
             metrics = sum_row_metrics(rows, done)
             metrics["lm_loss"] = rows["lm_loss"].sum()
             metrics["q_halt_loss"] = rows["q_halt_loss"].sum()
@@ -190,7 +204,9 @@ def evaluate(
             result.update(ev_metrics)
     if state.contamination is not None:
         result.update(state.contamination.metrics())
-    return EvalResult(result, _collect_outputs(saved, dist_info) if save_keys else None)
+    exact_by_step = curve.curve(sum_over_ranks(curve.sums(dist_info.device), torch.float64))
+    outputs_saved = _collect_outputs(saved, dist_info) if save_keys else None
+    return EvalResult(result, outputs_saved, exact_by_step, sample)
 
 
 def _attempt_outputs(found: SearchOutput) -> dict[str, torch.Tensor]:

@@ -36,6 +36,8 @@ import torch
 
 from dataset.puzzle_dataset import PuzzleDataset
 from evaluators.base import Evaluator, build_evaluators
+from evaluators.prediction_images import SEQ_LEN as PREDICTION_SEQ_LEN
+from evaluators.prediction_images import log_predictions, log_step_curve
 from models.registry import describe_model
 from training.checkpointing import resolve_resume, resume_train_state, save_train_state
 from training.config import PretrainConfig
@@ -46,6 +48,7 @@ from training.state import TrainState, create_train_state, seed_everything
 from training.step import NonFiniteLossError, StepResult, any_rank, train_batch
 from utils.distributed import DistInfo, collective_phase, decide_on_main
 from utils.logging import RunLogger
+from utils.schema import ConfigError
 
 __all__ = [
     "InterruptedRunError",
@@ -110,8 +113,11 @@ def run_training(
     # batches with gradient accumulation: training.state.schedule_length).
     state = create_train_state(config, train_data, dist_info)
     assert state.strategy is not None
-    if dist_info.is_main and config.log_predictions_every is not None:
-        print("note: log_predictions_every is accepted for ETRM's command lines and logs nothing")
+    if config.log_predictions_every and train_data.metadata.seq_len != PREDICTION_SEQ_LEN:
+        raise ConfigError(
+            f"log_predictions_every draws ARC grids (seq_len {PREDICTION_SEQ_LEN}); this dataset "
+            f"has seq_len {train_data.metadata.seq_len}: drop log_predictions_every"
+        )
     if dist_info.is_main:
         info = describe_model(state.raw_model)
         logger.log({f"model/{k}": float(v) for k, v in info.items()}, step=0)
@@ -205,6 +211,12 @@ def _step(
     if result.metrics is not None and dist_info.is_main:
         if result.batch_done or result.skipped is not None:
             logger.log(result.metrics, step=state.step)
+        every = config.log_predictions_every
+        if every and result.batch_done and result.predicted is not None and state.step % every == 0:
+            log_predictions(
+                logger, "train/predictions", result.predicted, {}, state.step,
+                config.log_predictions_max_samples, config.log_predictions_crop,
+            )  # fmt: skip
         if result.skipped is not None:
             print(f"step {state.step}: non-finite {result.skipped}, update skipped "
                   f"({state.nonfinite_streak} in a row)")  # fmt: skip
@@ -277,6 +289,10 @@ def _train(
             eval_metrics = result.metrics
             if dist_info.is_main:
                 logger.log(eval_metrics, step=state.step)
+                if result.exact_by_step is not None:
+                    log_step_curve(logger, "eval/exact_by_step", result.exact_by_step, state.step)
+                if result.predictions is not None:
+                    result.predictions.log(logger, "eval/predictions", state.step)
                 if result.outputs is not None and save_path is not None:
                     save_path.mkdir(parents=True, exist_ok=True)
                     torch.save(result.outputs, save_path / "eval_outputs.pt")

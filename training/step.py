@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -66,6 +66,10 @@ class StepResult:
     skipped: str | None = None  # nonfinite=skip: what was not finite ("loss", "gradient norm")
     batch_done: bool = True  # the strategy took its last step on this batch
     update_done: bool = True  # an optimizer step ended here (not a window's earlier micro-batch)
+    # This rank's rows of the update's last supervision step: the carry's examples
+    # (``new_carry.current_data``, which a slot that did not halt took from an earlier batch)
+    # with that step's ``preds``, for prediction images.
+    predicted: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
 
 class _SkipBatchError(Exception):
@@ -400,4 +404,6 @@ def _optimizer_step(
     metrics.update(zip(norms, host[len(keys) :], strict=True))
     if config.freeze_decoder_steps:
         metrics["train/decoder_frozen"] = float(frozen)
-    return StepResult(metrics, stop)
+    out = grads_out.out
+    predicted = {**out.new_carry.current_data, "preds": out.outputs["preds"]}
+    return StepResult(metrics, stop, predicted=predicted)

@@ -12,6 +12,12 @@ import torch
 
 TEST_DEVICE = torch.device(os.environ.get("TRM_TEST_DEVICE", "cpu"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N (make test): the workers share the cores, so each computes on one thread, and
+    # so do the processes its tests start.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture
 def device() -> torch.device:

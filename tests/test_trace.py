@@ -620,3 +620,183 @@ def test_two_gloo_ranks_write_the_one_rank_trace(
     index_two = json.loads((out / "index.json").read_text())
     assert _close(index_one["per_step"], index_two["per_step"])
     assert index_one["records"] == index_two["records"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Test-time search in the trace
+# ----------------------------------------------------------------------------------------------
+SEARCH_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def strict_checkpoint(strict_arc_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``checkpoint``'s tiny TRM trained on the strict-split build of the same tasks, so the
+    evaluation tasks' puzzle-embedding rows were never trained (what the search replaces)."""
+    from training.loop import run_training
+    from utils.logging import build_logger
+
+    run_dir = tmp_path_factory.mktemp("trm_strict_run")
+    overrides = [
+        "+experiment=tiny_cpu", "logger=none", "data_workers=0", "global_batch_size=8",
+        "arch=trm", "arch.hidden_size=32", "arch.H_cycles=2", "arch.L_cycles=1",
+        f"arch.halt_max_steps={H}", "evaluators=[]", "max_steps=2", "lr=3e-3",
+        f"data_paths=[{strict_arc_data}]", f"+checkpoint_path={run_dir}",
+    ]  # fmt: skip
+    config = load_pretrain_config(compose(overrides=overrides))
+    logger = build_logger(
+        "none", project="t", run_name="t", config={}, run_dir=str(run_dir), is_main=True
+    )
+    run_training(config, DistInfo(), logger=logger)
+    return run_dir / "step_2"
+
+
+@pytest.fixture(scope="module")
+def search_traced(strict_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``python evaluate.py trace.enabled=True tto.steps=2`` on the strict TRM checkpoint, every
+    augmentation, one perturbation."""
+    import evaluate
+
+    root = tmp_path_factory.mktemp("search_trace")
+    cfg = compose("cfg_evaluate", overrides=[
+        f"checkpoint={strict_checkpoint}", "evaluators=[{name: arc}]",
+        f"output_dir={root / 'eval'}", "trace.enabled=True", "trace.aug=all",
+        f"trace.out={root / 'traces'}", f"tto.steps={SEARCH_STEPS}", "tto.lr=0.1",
+    ])  # fmt: skip
+    cfg.trace.perturb = PERTURB[:1]
+    ecfg, tc = evaluate.load_configs(cfg)
+    evaluate.run_trace_instead(ecfg, tc, DistInfo())
+    return root / "traces"
+
+
+def _search_rows(checkpoint: Path) -> Any:
+    """Each query row of the search loader evaluate.py searches with, as (row key, one-row
+    batch, the loaded head)."""
+    from evaluate import resolve
+    from evaluators.arc import ARC, ARCEvaluatorConfig
+    from training.evaluation import search_loader
+    from training.state import build_model
+    from utils.checkpoint import load_model_weights
+
+    resolved = resolve(EvaluateConfig(checkpoint=str(checkpoint), evaluators=[{"name": "arc"}]))
+    loader, data = search_loader(resolved.config, DistInfo())
+    head, _ = build_model(resolved.config, data, DistInfo())
+    load_model_weights(head, resolved.weights, resize_puzzle_emb=False, source="test")
+    head.eval()
+    base = ARC(ARCEvaluatorConfig(), data.config.dataset_paths, data.identifier_offsets)
+    frames = TaskFrames.from_files(base.identifier_names, base.test_puzzles)
+    for _, batch, _ in loader:
+        for b in range(len(batch["inputs"])):
+            row = frames.row_key(int(batch["puzzle_identifiers"][b]), batch["inputs"][b].numpy())
+            if row is not None:
+                yield row, {k: v[b : b + 1] for k, v in batch.items()}, head
+
+
+def test_the_trace_records_the_search_of_each_row(
+    strict_checkpoint: Path, search_traced: Path
+) -> None:
+    """Each clean record's ``search`` is ``search(...)`` of its row computed alone (the
+    unaugmented rows, one per task, to keep it short): the trajectory of its every candidate (to
+    float32 rounding of other batch shapes), the start, and the attempts' grids (de-augmented
+    like the steps) with their demo log-likelihoods; every clean record of the 9 rows holds one,
+    perturbed variants hold null."""
+    from training.latent_search import TTOConfig, search
+
+    records = _records(search_traced)
+    clean = _by_variant(records, "clean")
+    assert len(clean) == 9 and len(records) == 18
+    assert all(r["search"] is None for r in records if r["variant"] != "clean")
+    assert all(len(r["search"]["attempts"]) == 2 for r in clean.values())
+    config = TTOConfig(steps=SEARCH_STEPS, lr=0.1)
+    seen = 0
+    for row, batch, head in _search_rows(strict_checkpoint):
+        if row.aug != "identity":
+            continue
+        entry = clean[(row.task, row.test_index, row.aug)]["search"]
+        assert entry["options"] == {
+            k: v for k, v in config.model_dump(mode="json").items() if k != "count_flops"
+        }
+        alone = search(head, batch, config)
+        assert alone.searched.tolist() == [True]
+        trajectory = alone.loglik_trajectory[0]
+        assert trajectory.shape == (1, SEARCH_STEPS + 1)  # TRM: one candidate, the table mean
+        got = torch.tensor(entry["loglik_trajectory"], dtype=torch.float32)
+        torch.testing.assert_close(got, trajectory, rtol=1e-5, atol=1e-5)
+        assert entry["loglik_start"] == pytest.approx(float(trajectory[0, 0]), abs=1e-5)
+        assert entry["best_is_start"] == bool(alone.best_is_start[0])
+        assert [a["pred"] for a in entry["attempts"]] == [
+            grid_string(row.undo(crop(p.numpy()))) for p in alone.preds[0]
+        ]
+        demo_ll = [a["demo_loglik"] for a in entry["attempts"]]
+        assert demo_ll == pytest.approx(alone.demo_loglik[0].tolist(), abs=1e-5)
+        # The best point of the trajectory is attempt 1, and nothing beats the start unseen.
+        assert demo_ll[0] == pytest.approx(float(trajectory.max()), abs=1e-6)
+        assert demo_ll[0] >= entry["loglik_start"] - 1e-6
+        seen += 1
+    assert seen == 3
+
+
+def test_the_traced_attempts_are_evaluate_pys(
+    strict_checkpoint: Path, search_traced: Path, tmp_path: Path
+) -> None:
+    """The records' attempts, voted over augmentations by the ARC-tto rule
+    (``evaluators.arc_tto.attempt_order``, a single grid repeated as the ARC evaluator does), are
+    the attempts of ``evaluate.py tto.steps=2``'s ``submission.json`` for every test pair of the
+    task it evaluates (``max_eval_groups=1``, the first task of the trace)."""
+    from evaluate import run as run_evaluate
+    from evaluators.arc import grid_hash
+    from evaluators.arc_tto import attempt_order
+    from training.latent_search import TTOConfig
+
+    tto = TTOConfig(steps=SEARCH_STEPS, lr=0.1)
+    ecfg = _ecfg(strict_checkpoint, tmp_path, tto=tto, max_eval_groups=1)
+    metrics = run_evaluate(ecfg, DistInfo())
+    assert metrics["tto/puzzles"] == 3  # the identity and 2 augmentations of one test pair
+    submission = json.loads((tmp_path / "submission.json").read_text())
+    pools: dict[tuple[str, int], dict[int, dict[str, list[float]]]] = {}
+    grids: dict[str, str] = {}
+    for r in _records(search_traced):
+        if r["variant"] != "clean":
+            continue
+        pair = pools.setdefault((r["puzzle_id"], r["test_index"]), {})
+        for a, attempt in enumerate(r["search"]["attempts"]):
+            h = grid_hash(parse_grid(attempt["pred"]))
+            grids[h] = attempt["pred"]
+            pair.setdefault(a, {}).setdefault(h, []).append(attempt["demo_loglik"])
+    (task,) = submission
+    assert task == next(t for t, _ in pools)
+    for (other, test_index), pair in pools.items():
+        if other != task:
+            continue
+        order = attempt_order(pair)
+        first, second = (grids[h] for h in (order + order[:1])[:2])
+        entry = submission[task][test_index]
+        assert first == grid_string(np.array(entry["attempt_1"], dtype=np.uint8))
+        assert second == grid_string(np.array(entry["attempt_2"], dtype=np.uint8))
+
+
+def test_the_viewer_loads_a_trace_with_search(search_traced: Path, tmp_path: Path) -> None:
+    from tracing.viewer import load_trace
+    from tracing.viewer import main as viewer_main
+
+    trace = load_trace(search_traced)
+    assert sum(r["search"] is not None for r in trace.records) == 9
+    out = tmp_path / "viewer.html"
+    viewer_main([str(search_traced), "-o", str(out)])
+    assert out.stat().st_size > 0
+
+
+def test_search_off_leaves_the_trace_byte_for_byte(checkpoint: Path, traced: Path) -> None:
+    """tto.steps=0 with every other search option changed writes ``traced``'s shards byte for
+    byte (whose records hold exactly the format's keys, no ``search``:
+    ``test_written_files_follow_the_format``)."""
+    from training.latent_search import TTOConfig
+
+    out = traced.parent / "off"
+    tto = TTOConfig(steps=0, lr=0.5, optimizer="sgd", init="perturbed", loo=False)
+    tc = TraceConfig(aug="all", probe_l_steps=True, out=str(out), perturb=PERTURB, shard_size=7)
+    run_trace(_ecfg(checkpoint, traced.parent / "eval_off", tto=tto), tc, DistInfo())
+    first = json.loads((traced / "index.json").read_text())
+    assert first["shards"] == json.loads((out / "index.json").read_text())["shards"]
+    for shard in first["shards"]:
+        assert (traced / shard).read_bytes() == (out / shard).read_bytes()
+    assert all("search" not in r for r in _records(out))

@@ -4,6 +4,14 @@ A row of the test split is one augmented copy of one test input of a task. Its p
 are cropped from the canvas and de-augmented with the ARC evaluator's helpers
 (``evaluators.arc.crop``, ``dataset.common.inverse_aug``), then written as compact grids:
 rows of digits joined by ``|`` (``"012|340"``), ``""`` for an empty grid.
+
+With test-time latent search on (``tto.steps > 0``), the clean record of a searched row also
+holds ``search`` (``search_entry``): the options, every candidate's demo log-likelihood at every
+step of the search, the start's, whether the best point is a start, and the A attempts (the
+query's predictions under the A best distinct points, cropped and de-augmented as the steps'
+grids) with their demo log-likelihoods; perturbed variants and rows not searched hold null.
+Without search the key is absent, so such a record is exactly what it was before search
+existed.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from dataset.common import PUZZLE_ID_SEPARATOR, DataError, inverse_aug
 from evaluators.arc import BLANK_IDENTIFIER_ID, crop, grid_hash
 from tracing.config import Perturbation
 from tracing.record import StepCapture
+from training.latent_search import SearchOutput, TTOConfig
 
 SCHEMA = "trm-trace/v1"
 CLEAN = "clean"
@@ -81,6 +90,10 @@ class RowKey:
     @property
     def key(self) -> str:
         return f"{self.task}\x1f{self.test_index}\x1f{self.aug}"
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """A predicted canvas (tokens [S]) cropped and mapped back to the task's frame."""
+        return np.ascontiguousarray(self.undo(crop(tokens)))
 
 
 @dataclass
@@ -146,10 +159,7 @@ def build_record(
     """The shard record (``trm-trace/v1``, without its ``id``) of recorded row ``r``."""
     info = frames.tasks[row.task]
     target = info.targets[row.test_index]
-
-    def decode(tokens: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(row.undo(crop(tokens)))
-
+    decode = row.decode
     out_steps: list[dict[str, Any]] = []
     previous: np.ndarray | None = None
     for t, cap in enumerate(steps, start=1):
@@ -199,6 +209,70 @@ def build_record(
     }
     record.update(summarise(out_steps))
     return record
+
+
+@dataclass(frozen=True)
+class SearchCapture:
+    """The search of the R recorded rows in host memory (``SearchOutput`` of those rows):
+    ``preds`` int [R, A, S], ``demo_loglik`` float [R, A], ``loglik_start`` float [R],
+    ``trajectory`` float [R, C, steps + 1] (NaN for candidates a row does not have),
+    ``best_is_start`` and ``searched`` bool [R]."""
+
+    preds: np.ndarray
+    demo_loglik: np.ndarray
+    loglik_start: np.ndarray
+    trajectory: np.ndarray
+    best_is_start: np.ndarray
+    searched: np.ndarray
+
+    @classmethod
+    def from_output(cls, found: SearchOutput) -> SearchCapture:
+        return cls(
+            preds=found.preds.cpu().numpy(),
+            demo_loglik=found.demo_loglik.cpu().numpy(),
+            loglik_start=found.loglik_start.cpu().numpy(),
+            trajectory=found.loglik_trajectory.cpu().numpy(),
+            best_is_start=found.best_is_start.cpu().numpy(),
+            searched=found.searched.cpu().numpy(),
+        )
+
+
+def search_options(config: TTOConfig) -> dict[str, Any]:
+    """The options a record's ``search`` states: every ``tto`` key that decides the search
+    (``count_flops`` only measures it)."""
+    return config.model_dump(mode="json", exclude={"count_flops"})
+
+
+def search_entry(
+    row: RowKey, capture: SearchCapture, r: int, options: dict[str, Any]
+) -> dict[str, Any] | None:
+    """A clean record's ``search`` object for recorded row ``r``, None when the row was not
+    searched (no demos).
+
+    ``{"options": {...tto keys}, "loglik_start": float, "best_is_start": bool,
+    "loglik_trajectory": [[float | null] * (steps + 1)] per candidate the row has (step 0 is the
+    start), "attempts": [{"pred": G, "demo_loglik": float | null}] * A}``; log-likelihoods are
+    demo log-likelihoods (mean over demos of the mean per-token log-probability, nats), null
+    where not finite.
+    """
+    if not bool(capture.searched[r]):
+        return None
+    trajectory = capture.trajectory[r]
+    own = ~np.isnan(trajectory).all(axis=1)  # a batch pads every row to its most candidates
+    return {
+        "options": options,
+        "loglik_start": _finite(capture.loglik_start[r]),
+        "best_is_start": bool(capture.best_is_start[r]),
+        "loglik_trajectory": [[_finite(v) for v in c] for c in trajectory[own]],
+        "attempts": [
+            {"pred": grid_string(row.decode(p)), "demo_loglik": _finite(ll)}
+            for p, ll in zip(capture.preds[r], capture.demo_loglik[r], strict=True)
+        ],
+    }
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
 
 
 def summarise(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -11,6 +11,13 @@ same carry; ``trace.perturb`` may be a list (a sweep). Writes ``trace.out``/``in
 ``per_step.json`` and ``shard_NNNNN.jsonl`` (format ``trm-trace/v1``) and prints the per-step
 table; ``run_trace`` is the same for callers (``evaluate.py trace.enabled=True``). Under
 ``torchrun`` each rank traces its rows and rank 0 writes.
+
+With ``tto.steps=K`` (test-time latent search, ``training.latent_search``) the rows come from
+the loader ``evaluate.py`` searches with (``training.evaluation.search_loader``: for TRM, the
+queries of a strict-split build with their tasks' demos) and the traced rows of every batch are
+searched together as evaluate.py searches a batch, after their recorded rollout; each clean
+record gains ``search`` (``tracing.records.search_entry``). Rows not traced are not searched,
+so ``trace.aug=identity`` costs one search per test input.
 """
 
 from __future__ import annotations
@@ -31,10 +38,20 @@ from evaluators.arc import ARC, ARCEvaluatorConfig
 from tracing.config import TraceConfig
 from tracing.per_step import StepVoting, format_table, per_step_results
 from tracing.record import inner_site, trace_batch
-from tracing.records import CLEAN, RowKey, TaskFrames, build_record
+from tracing.records import (
+    CLEAN,
+    RowKey,
+    SearchCapture,
+    TaskFrames,
+    build_record,
+    search_entry,
+    search_options,
+)
 from tracing.writer import order_records, write_trace
 from training.config import EvaluateConfig, PretrainConfig, check_world_size
 from training.data import create_dataloader, reads_demos
+from training.evaluation import search_loader
+from training.latent_search import search
 from training.state import build_model
 from utils.checkpoint import load_model_weights
 from utils.config import ConfigError, lenient_overrides, validate_model
@@ -97,7 +114,11 @@ def run_trace(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistInfo) -> 
     contamination = guard(ecfg, resolved, dist_info.is_main)
     if trace.groups is not None:  # every family's test loader keeps the first N groups
         config = config.model_copy(update={"max_eval_groups": trace.groups})
-    loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True)
+    tto = ecfg.tto
+    if tto.enabled:
+        loader, data = search_loader(config, dist_info)
+    else:
+        loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True)
     head, _ = build_model(config, data, dist_info)
     load_model_weights(head, resolved.weights, resize_puzzle_emb=False, source=ecfg.checkpoint)
     head.eval()
@@ -112,6 +133,8 @@ def run_trace(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistInfo) -> 
         if p.step > H:
             raise ConfigError(f"trace.perturb step={p.step}: the model runs {H} ACT steps")
     voting = StepVoting(base, H)
+    tto_run = tto.model_copy(update={"count_flops": False})
+    options = search_options(tto)
     records: list[dict[str, Any]] = []
     seen: set[str] = set()
     for _set_name, batch, _ in loader:
@@ -126,12 +149,21 @@ def run_trace(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistInfo) -> 
             head, batch, rows_t, record_keys, H, trace.probe_l_steps, perturbations
         )
         voting.update(batch, rows_t, traces[CLEAN])
+        found = None
+        if tto.enabled:
+            # FLOPs are not part of a trace; counting them would only cost extra passes.
+            searched = search(head, {k: v[rows_t] for k, v in batch.items()}, tto_run)
+            found = SearchCapture.from_output(searched)
         by_tag = {p.tag: p for p in perturbations}
         for r, b in enumerate(rows):
             row = keys[b]
             assert row is not None
             for variant, steps in traces.items():
-                records.append(build_record(frames, row, r, steps, variant, by_tag.get(variant)))
+                record = build_record(frames, row, r, steps, variant, by_tag.get(variant))
+                if found is not None:
+                    clean = variant == CLEAN
+                    record["search"] = search_entry(row, found, r, options) if clean else None
+                records.append(record)
     voted = voting.result(group=dist_info.cpu_group)
     gathered = gather_objects(records, group=dist_info.cpu_group)
     if gathered is None or voted is None:

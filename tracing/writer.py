@@ -3,6 +3,12 @@
 Records are ordered by task (source order), test index, augmentation and variant (clean
 first, then the perturbations in the order given), so a folder does not depend on how the
 rows were spread over batches or ranks; a record's ``id`` is its position in that order.
+
+A shard line is the record as built (``tracing.records``) with ``schema`` and ``id`` first.
+Traces with test-time search carry one key beyond ``trm-trace/v1``'s list, ``search`` (the
+searched row's trajectory and attempts, ``tracing.records.search_entry``; null on perturbed
+variants); the schema name stays, since a reader that ignores the key reads the rest
+unchanged, and without search the key is absent.
 """
 
 from __future__ import annotations

@@ -22,6 +22,18 @@ a search of each ``--timing-steps`` count (1, 5, 20, 100) on the first evaluatio
 untimed call, then the median of ``--rounds`` (a puzzle is one query row with its demos; on a
 shared CPU the seconds are only indicative).
 
+With TRM among ``--archs``, the trained TRM is also fine-tuned the training loop's way, the
+test-time-training baseline the search is measured against: ``training.loop.run_training`` with
+``freeze_weights=True`` and ``load_checkpoint`` (the trained run's weights; the puzzle table,
+sized for other data, starts every row from its mean embedding, the search's start) trains only
+the puzzle embedding for ``--finetune-steps`` steps on the held-out tasks' demonstration pairs
+(those tasks alone built with the TRM split policy, so the train split holds their demos as
+examples, on the same compact canvas), then its end-of-run evaluation scores their test queries:
+``trm_finetune_exact`` (held-out exact accuracy, the figure ``trm_exact_search`` is beside) and
+``trm_finetune_seconds`` (the whole fine-tuning run's wall time, data loading and that evaluation
+included), beside ``trm_search_seconds`` (the search's wall time over all evaluation rows, FLOP
+counting excluded). ``--finetune-steps 0`` leaves them out.
+
 ``--arc-scale`` times the search alone at ARC scale (hidden 512, 8 heads, 2 layers, H_cycles 3,
 L_cycles 4, 16 ACT steps, 900-token grids with 2..7 demos as ETRM's ARC-AGI-1 evaluation split,
 bf16 on CUDA; ``benchmarks.etrm_step``'s preset and batches) on random weights and random
@@ -48,6 +60,8 @@ import torch
 
 from benchmarks import etrm_step
 from benchmarks.icl import IclSettings, build_family_data, train, train_config
+from dataset import build_arc_dataset as arc
+from dataset import synthetic_tasks as st
 from models.recursive_reasoning.common import ModelDims
 from training.checkpointing import evaluation_weights
 from training.config import PretrainConfig, load_pretrain_config
@@ -60,6 +74,8 @@ from utils.distributed import DistInfo, select_device
 
 TIMING_STEPS = (1, 5, 20, 100)
 ARCHS = ("etrm", "trm")
+HELD_OUT = "evaluation"  # the family's subset of evaluation tasks (``benchmarks.icl``'s test set)
+FINETUNE_STEPS = 40  # batches of 64 over 2 demos x 64 tasks: each row about 20 updates, as search
 EXACT, SEARCH_EXACT, SEARCH_EXACT_2 = (
     "all/exact_accuracy",
     "all/tto/exact_accuracy",
@@ -75,12 +91,14 @@ def _icl_defaults() -> IclSettings:
 class SearchSettings:
     """One measurement: the ICL runs it searches (``benchmarks.icl.IclSettings``; fewer training
     steps than ``tests/test_icl.py``'s 250, so that the model has something left to find) and
-    the search's options (``tto``, whose ``steps`` is the accuracy run's)."""
+    the search's options (``tto``, whose ``steps`` is the accuracy run's); ``finetune_steps``
+    the TRM fine-tuning baseline's steps (0: none)."""
 
     icl: IclSettings = field(default_factory=_icl_defaults)
     tto: TTOConfig = field(default_factory=lambda: TTOConfig(steps=20))
     timing_steps: tuple[int, ...] = TIMING_STEPS
     rounds: int = 3
+    finetune_steps: int = FINETUNE_STEPS
 
 
 def load_trained(config: PretrainConfig, checkpoint: Path) -> tuple[TrainState, Any]:
@@ -131,11 +149,61 @@ def time_search(
     return out
 
 
+def build_finetune_data(family_root: Path, settings: IclSettings, seed: int) -> Path:
+    """The held-out tasks of ``build_family_data``'s family (``family_root/tasks``) alone, built
+    with the TRM split policy (train split: their demonstration pairs; test split: their test
+    queries) and moved to the benchmark's canvas; returns the folder to fine-tune on."""
+    data = family_root / "finetune_data"
+    arc.build(
+        arc.BuildConfig(
+            output_dir=str(data),
+            subsets=[HELD_OUT],
+            test_set_names=(HELD_OUT,),
+            input_dir=str(family_root / "tasks"),
+            seed=seed,
+            num_aug=0,
+            split_policy="trm",
+            overwrite=True,
+        )
+    )
+    if settings.canvas_side < st.ARC_CANVAS:
+        data = st.compact_canvas(
+            data, family_root / "finetune_compact", settings.canvas_side, overwrite=True
+        )
+    return data
+
+
+def finetune_trm(
+    checkpoint: Path, data: Path, run_dir: Path, settings: SearchSettings, seed: int
+) -> dict[str, float]:
+    """Fine-tune the trained TRM at ``checkpoint`` with the training loop, only its puzzle
+    embedding (``freeze_weights``), for ``settings.finetune_steps`` steps on ``data``
+    (``build_finetune_data``): ``finetune_exact`` (its end-of-run held-out exact accuracy) and
+    ``finetune_seconds`` (the run's wall time)."""
+    icl = replace(
+        settings.icl,
+        steps=settings.finetune_steps,
+        train_tasks=settings.icl.eval_tasks,  # its groups: the one iteration reaches the steps
+        overrides=(
+            *settings.icl.overrides,
+            "freeze_weights=True",
+            f"+load_checkpoint={checkpoint}",
+        ),
+    )
+    config = train_config("trm", data, run_dir, icl, seed)
+    started = time.perf_counter()
+    outcome = train(config)
+    return {
+        "finetune_exact": outcome.eval_metrics[EXACT],
+        "finetune_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
 def search_arch(
     arch: str, data: Path, run_dir: Path, settings: SearchSettings, seed: int
 ) -> dict[str, float | None]:
     """Train ``arch`` on ``data``, then evaluate it with search and time the search; the
-    figures of the module docstring, unprefixed."""
+    figures of the module docstring, unprefixed (TRM's fine-tuning baseline included)."""
     config = train_config(arch, data, run_dir, settings.icl, seed)
     started = time.perf_counter()
     outcome = train(config)
@@ -154,7 +222,14 @@ def search_arch(
         "demo_loglik_start": metrics["tto/demo_loglik_start"],
         "demo_loglik_best": metrics["tto/demo_loglik_best"],
         "best_is_start": metrics["tto/best_is_start"],
+        "search_seconds": round(metrics["tto/seconds_per_puzzle"] * metrics["tto/puzzles"], 3),
     }
+    if arch == "trm" and settings.finetune_steps > 0:
+        tuned = build_finetune_data(run_dir.parent, settings.icl, seed)
+        out.update(
+            finetune_trm(outcome.last_checkpoint, tuned, run_dir.parent / "trm_finetune",
+                         settings, seed)
+        )  # fmt: skip
     _, batch, _ = next(iter(loader))
     out.update(time_search(state.model, batch, tto, settings.timing_steps, settings.rounds))
     return out
@@ -232,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--recursion-steps", type=int, default=None)
     p.add_argument("--timing-steps", type=int, nargs="+", default=list(defaults.timing_steps))
     p.add_argument("--rounds", type=int, default=defaults.rounds)
+    p.add_argument("--finetune-steps", type=int, default=defaults.finetune_steps,
+                   help="TRM: steps of the freeze_weights fine-tuning (0: none)")  # fmt: skip
     a = p.parse_args(argv)
     if a.arc_scale:
         print(json.dumps({"settings": vars(a), "arc_scale": arc_scale_timing(a)}))
@@ -240,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                   eval_tasks=a.eval_tasks, hidden_size=a.hidden_size)  # fmt: skip
     tto = TTOConfig(steps=a.search_steps, lr=a.lr, optimizer=a.optimizer, variable=a.variable,
                     init=a.init, recursion_steps=a.recursion_steps)  # fmt: skip
-    settings = SearchSettings(icl, tto, tuple(a.timing_steps), a.rounds)
+    settings = SearchSettings(icl, tto, tuple(a.timing_steps), a.rounds, a.finetune_steps)
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench_latent_search_") as tmp:
         root = Path(a.workdir) if a.workdir else Path(tmp)

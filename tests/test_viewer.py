@@ -587,7 +587,7 @@ def browser() -> Iterator[Any]:
         pytest.skip("TRM_SKIP_BROWSER=1")
     install = (
         "apt-get install -y chromium chromium-driver and pip install -r requirements-dev.txt "
-        "(.ci/run does both), or set TRM_SKIP_BROWSER=1 to skip the browser tests"
+        "(make test does both as root), or set TRM_SKIP_BROWSER=1 to skip the browser tests"
     )
     chromium, driver_path = _browser_paths()
     if chromium is None or driver_path is None:

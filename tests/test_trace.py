@@ -631,7 +631,8 @@ SEARCH_STEPS = 2
 @pytest.fixture(scope="module")
 def strict_checkpoint(strict_arc_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``checkpoint``'s tiny TRM trained on the strict-split build of the same tasks, so the
-    evaluation tasks' puzzle-embedding rows were never trained (what the search replaces)."""
+    evaluation tasks' puzzle-embedding rows were never trained (what the search replaces); 6
+    steps at lr 1e-2, so that it decodes grids rather than nothing."""
     from training.loop import run_training
     from utils.logging import build_logger
 
@@ -639,7 +640,7 @@ def strict_checkpoint(strict_arc_data: Path, tmp_path_factory: pytest.TempPathFa
     overrides = [
         "+experiment=tiny_cpu", "logger=none", "data_workers=0", "global_batch_size=8",
         "arch=trm", "arch.hidden_size=32", "arch.H_cycles=2", "arch.L_cycles=1",
-        f"arch.halt_max_steps={H}", "evaluators=[]", "max_steps=2", "lr=3e-3",
+        f"arch.halt_max_steps={H}", "evaluators=[]", "max_steps=6", "lr=1e-2",
         f"data_paths=[{strict_arc_data}]", f"+checkpoint_path={run_dir}",
     ]  # fmt: skip
     config = load_pretrain_config(compose(overrides=overrides))
@@ -647,7 +648,7 @@ def strict_checkpoint(strict_arc_data: Path, tmp_path_factory: pytest.TempPathFa
         "none", project="t", run_name="t", config={}, run_dir=str(run_dir), is_main=True
     )
     run_training(config, DistInfo(), logger=logger)
-    return run_dir / "step_2"
+    return run_dir / "step_6"
 
 
 @pytest.fixture(scope="module")
@@ -706,6 +707,7 @@ def test_the_trace_records_the_search_of_each_row(
     assert len(clean) == 9 and len(records) == 18
     assert all(r["search"] is None for r in records if r["variant"] != "clean")
     assert all(len(r["search"]["attempts"]) == 2 for r in clean.values())
+    assert all(a["pred"] for r in clean.values() for a in r["search"]["attempts"])
     config = TTOConfig(steps=SEARCH_STEPS, lr=0.1)
     seen = 0
     for row, batch, head in _search_rows(strict_checkpoint):

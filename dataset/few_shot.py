@@ -196,21 +196,18 @@ class DemoSampler(Sampler):
             seed=seed,
             global_batch_size=global_batch_size,
             epochs_per_iter=epochs_per_iter,
+            max_groups=max_groups,
         )
         if isinstance(max_demos, bool) or not isinstance(max_demos, int) or max_demos < 1:
             raise ConfigError(f"max_demos must be an integer >= 1, got {max_demos!r}")
-        if max_groups is not None and (
-            isinstance(max_groups, bool) or not isinstance(max_groups, int) or max_groups < 1
-        ):
-            raise ConfigError(f"max_groups must be None or an integer >= 1, got {max_groups!r}")
         if target_policy not in TARGET_POLICIES:
             raise ConfigError(
                 f"target_policy must be one of {', '.join(TARGET_POLICIES)}, got {target_policy!r}"
             )
         self.max_demos = max_demos
-        self.max_groups = max_groups
         self.target_policy = target_policy
-        self.queries = [set_queries(s, target_policy, max_demos, max_groups) for s in self.sets]
+        kept = self.max_groups
+        self.queries = [set_queries(s, target_policy, max_demos, kept) for s in self.sets]
 
 
 @dataclass

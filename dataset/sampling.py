@@ -95,12 +95,15 @@ class Sampler(ABC):
         seed: int,
         global_batch_size: int,
         epochs_per_iter: int,
+        max_groups: int | None = None,
     ) -> None:
         self.sets = list(sets)
         self.metadata = metadata
         self.seed = seed
         self.global_batch_size = global_batch_size
         self.epochs_per_iter = epochs_per_iter
+        # Every sampler keeps the first ``max_groups`` groups of each set (None: all).
+        self.max_groups = checked_max_groups(max_groups)
 
     @abstractmethod
     def plan(self, set_index: int, counter: int) -> SetPlan:
@@ -200,25 +203,6 @@ class UniformSampler(Sampler):
 
     counter_step = 1
 
-    def __init__(
-        self,
-        sets: Sequence[SetData],
-        metadata: PuzzleDatasetMetadata,
-        *,
-        seed: int,
-        global_batch_size: int,
-        epochs_per_iter: int,
-        max_groups: int | None = None,
-    ) -> None:
-        super().__init__(
-            sets,
-            metadata,
-            seed=seed,
-            global_batch_size=global_batch_size,
-            epochs_per_iter=epochs_per_iter,
-        )
-        self.max_groups = checked_max_groups(max_groups)
-
     def plan(self, set_index: int, counter: int) -> _UniformPlan:
         set_data = self.sets[set_index]
         num_groups = kept_groups(set_data, self.max_groups)
@@ -292,25 +276,6 @@ class SequentialSampler(Sampler):
     """
 
     counter_step = 0
-
-    def __init__(
-        self,
-        sets: Sequence[SetData],
-        metadata: PuzzleDatasetMetadata,
-        *,
-        seed: int,
-        global_batch_size: int,
-        epochs_per_iter: int,
-        max_groups: int | None = None,
-    ) -> None:
-        super().__init__(
-            sets,
-            metadata,
-            seed=seed,
-            global_batch_size=global_batch_size,
-            epochs_per_iter=epochs_per_iter,
-        )
-        self.max_groups = checked_max_groups(max_groups)
 
     def plan(self, set_index: int, counter: int) -> _SequentialPlan:
         set_data = self.sets[set_index]

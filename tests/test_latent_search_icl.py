@@ -43,6 +43,7 @@ SETTINGS = SearchSettings(
     icl=IclSettings(steps=150),
     tto=TTOConfig(steps=20, lr=0.1, optimizer="adam", count_flops=False),
     timing_steps=(),
+    finetune_steps=0,  # the fine-tuning baseline is tests/test_benchmarks_latent_search.py's
 )
 TRM_MARGIN = 0.20
 ETRM_MARGIN = 0.15

@@ -321,7 +321,7 @@ def test_resume_between_windows_is_bit_identical(arc_data: Path, tmp_path: Path)
     train(make_config(arc_data, tmp_path / "b", *common, "max_steps=2"))
     progress = torch.load(tmp_path / "b/step_2" / ckpt.TRAIN_FILE, weights_only=True)["progress"]
     assert progress["batches_in_iteration"] == 4  # two windows of two micro-batches
-    rank = torch.load(tmp_path / "b/step_2/rank_0.pt", weights_only=False)
+    rank = torch.load(tmp_path / "b/step_2/rank_0.pt", weights_only=True)
     assert len(rank["slot_carries"]) == 2 and all(c is not None for c in rank["slot_carries"])
     train(make_config(arc_data, tmp_path / "b", *common, "max_steps=4", "resume=auto"))
     a = [m for m in metric_lines(tmp_path / "a") if "train/lm_loss" in m]
@@ -370,7 +370,7 @@ def test_two_gloo_processes_accumulate_as_one(arc_data: Path, tmp_path: Path) ->
               "checkpoint_every_steps=3"]  # fmt: skip
     one, two = _run_one_and_two(tmp_path, common)
     _assert_same_training(one, two, 3)
-    rank = torch.load(two / "step_3/rank_1.pt", weights_only=False)
+    rank = torch.load(two / "step_3/rank_1.pt", weights_only=True)
     assert len(rank["slot_carries"]) == 2
 
 

@@ -240,7 +240,7 @@ def test_evaluate_py_on_a_trm_checkpoint_with_max_eval_groups(tmp_path: Path) ->
         ecfg = EvaluateConfig(checkpoint=str(outcome.last_checkpoint), max_eval_groups=groups,
                               output_dir=str(out), eval_save_outputs=keys)  # fmt: skip
         metrics = run_evaluate(ecfg, DistInfo())
-        runs[groups] = metrics, torch.load(out / "eval_outputs.pt"), out
+        runs[groups] = metrics, torch.load(out / "eval_outputs.pt", weights_only=True), out
 
     split = _test_split(data)
     puzzles, groups = split["puzzle_indices"], split["group_indices"]

@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,13 +260,30 @@ class ARC:
                     f"ARC evaluator: {key} must be [{len(ids)}, {CANVAS * CANVAS}], got "
                     f"{list(arr.shape)}"
                 )
+        for row, task, input_hash, decode in self._test_rows(ids, inputs, preds[:, None]):
+            pred_hash = decode(0)
+            task_votes = self._votes.setdefault(task, {}).setdefault(input_hash, {})
+            task_votes.setdefault(pred_hash, []).append(float(q[row]))
+
+    def _test_rows(
+        self, ids: np.ndarray, inputs: np.ndarray, preds: np.ndarray
+    ) -> Iterator[tuple[int, str, str, Callable[[int], str]]]:
+        """The rows whose de-augmented input is a known test input of their task.
+
+        ``ids`` [B], ``inputs`` [B, 900] and ``preds`` [B, A, 900] tokens (A predictions per
+        row). Yields ``(row, task, input_hash, decode)``: ``decode(a)`` crops prediction a, maps
+        it back to the task's frame, stores the grid and returns its hash. Blank rows, rows of
+        unknown tasks and demonstration rows (strict split) are skipped.
+        """
         rows = np.flatnonzero(ids != BLANK_IDENTIFIER_ID)
         if rows.size == 0:
             return
+        A = preds.shape[1]
         in_canvas = inputs[rows].reshape(-1, CANVAS, CANVAS)
-        pred_canvas = preds[rows].reshape(-1, CANVAS, CANVAS)
         in_rows, in_cols = _crop_shapes(in_canvas)
-        pred_rows, pred_cols = _crop_shapes(pred_canvas)
+        pred_canvas = preds[rows].reshape(-1, CANVAS, CANVAS)
+        pred_rows, pred_cols = (c.reshape(-1, A) for c in _crop_shapes(pred_canvas))
+        pred_canvas = pred_canvas.reshape(-1, A, CANVAS, CANVAS)
         for j, row in enumerate(rows):
             task, undo = inverse_aug(self._name(int(ids[row])))
             wanted = self._test_inputs.get(task)
@@ -274,12 +292,16 @@ class ARC:
             input_hash = grid_hash(undo(_colours(in_canvas[j], in_rows[j], in_cols[j])))
             if input_hash not in wanted:
                 continue
-            pred = undo(_colours(pred_canvas[j], pred_rows[j], pred_cols[j]))
-            assert pred.size == 0 or int(pred.max()) < NUM_COLOURS, f"{task}: colour out of 0..9"
-            pred_hash = grid_hash(pred)
-            self._grids.setdefault(pred_hash, np.ascontiguousarray(pred))
-            task_votes = self._votes.setdefault(task, {}).setdefault(input_hash, {})
-            task_votes.setdefault(pred_hash, []).append(float(q[row]))
+
+            def decode(a: int, j: int = j, task: str = task, undo: Callable = undo) -> str:
+                pred = undo(_colours(pred_canvas[j, a], pred_rows[j, a], pred_cols[j, a]))
+                in_range = pred.size == 0 or int(pred.max()) < NUM_COLOURS
+                assert in_range, f"{task}: colour out of 0..9"
+                pred_hash = grid_hash(pred)
+                self._grids.setdefault(pred_hash, np.ascontiguousarray(pred))
+                return pred_hash
+
+            yield int(row), task, input_hash, decode
 
     def _name(self, identifier: int) -> str:
         names = self.identifier_names

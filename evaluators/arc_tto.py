@@ -40,16 +40,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dataset.common import DataError, inverse_aug
+from dataset.common import DataError
 from evaluators.arc import (
     ARC,
-    BLANK_IDENTIFIER_ID,
     CANVAS,
-    NUM_COLOURS,
     ARCEvaluatorConfig,
-    _colours,
-    _crop_shapes,
-    grid_hash,
     score_and_submit,
 )
 from evaluators.base import EVALUATOR_CONFIGS, Evaluator, EvaluatorConfig
@@ -114,29 +109,10 @@ class ARCSearch(ARC):
                 f"attempt_demo_loglik [{B}, {A}], got {list(preds.shape)} and "
                 f"{list(loglik.shape)}"
             )
-        rows = np.flatnonzero(ids != BLANK_IDENTIFIER_ID)
-        if rows.size == 0:
-            return
-        in_canvas = inputs[rows].reshape(-1, CANVAS, CANVAS)
-        in_rows, in_cols = _crop_shapes(in_canvas)
-        pred_canvas = preds[rows].reshape(-1, CANVAS, CANVAS)
-        pred_rows, pred_cols = _crop_shapes(pred_canvas)
-        pred_rows, pred_cols = pred_rows.reshape(-1, A), pred_cols.reshape(-1, A)
-        pred_canvas = pred_canvas.reshape(-1, A, CANVAS, CANVAS)
-        for j, row in enumerate(rows):
-            task, undo = inverse_aug(self._name(int(ids[row])))
-            wanted = self._test_inputs.get(task)
-            if wanted is None:
-                continue
-            input_hash = grid_hash(undo(_colours(in_canvas[j], in_rows[j], in_cols[j])))
-            if input_hash not in wanted:
-                continue
+        for row, task, input_hash, decode in self._test_rows(ids, inputs, preds):
             pools = self._search_votes.setdefault(task, {}).setdefault(input_hash, {})
             for a in range(A):
-                pred = undo(_colours(pred_canvas[j, a], pred_rows[j, a], pred_cols[j, a]))
-                assert pred.size == 0 or int(pred.max()) < NUM_COLOURS, f"{task}: colour > 9"
-                pred_hash = grid_hash(pred)
-                self._grids.setdefault(pred_hash, np.ascontiguousarray(pred))
+                pred_hash = decode(a)
                 # A non-finite likelihood (a row the search could not score) ranks last.
                 value = float(loglik[row, a]) if math.isfinite(loglik[row, a]) else -math.inf
                 pools.setdefault(a, {}).setdefault(pred_hash, []).append(value)

@@ -209,6 +209,59 @@ class PretrainConfig(StrictModel):
         "auto: micro when effective_batch_size is given, else update",
     )
 
+    # Hard-example sampling (the JD fork's ``custom_sampling``, training.hard_examples).
+    sampling: Literal["uniform", "hard_examples"] = Field(
+        "uniform",
+        description="which augmented variant of a group a training visit picks: uniform "
+        "(upstream) or hard_examples (weighted by 1 - correct/(seen + 1) of every variant's "
+        "training rows so far, the weights rebuilt after each iteration from all ranks)",
+    )
+    # The JD fork's loop knobs, with its key names (absent from the YAML: +start_step=...).
+    start_step: int = Field(
+        0, ge=0, description="the step counter of a fresh run starts here (schedule, logs)"
+    )
+    run_evaluator_only_at_end: bool = Field(
+        False, description="evaluate at the last iteration only (checkpoints as configured)"
+    )
+    in_sweep: bool = Field(
+        False,
+        description="a W&B sweep trial started by `wandb agent`: the run joins the agent's W&B "
+        "run and takes its sampled values from wandb.config (the fork's keys data, H_cycles, "
+        "L_cycles, halt_max_steps, lr, or any dotted key)",
+    )
+    lr_first_step: Literal[0, 1] = Field(
+        1,
+        description="the schedule's step of the first optimizer step: 1 (upstream counts the "
+        "step before computing its lr) or 0 (the JD fork counts it after: warm-up starts at lr "
+        "0)",
+    )
+    cap_total_steps: bool = Field(
+        True,
+        description="batches past total_steps are not trained on (upstream); False: every "
+        "batch the data yields is, the cosine continuing past its end (the JD fork)",
+    )
+    log_param_grad_norms_every: int | None = Field(
+        None,
+        ge=0,
+        description="log each parameter's gradient norm as train/grad_norm_<name> every N "
+        "optimizer steps (the JD fork: every step; None or 0: never)",
+    )
+    save_code: bool = Field(
+        True,
+        description="write the resolved config (all_config.yaml) and the code (code/) into "
+        "the run folder at start",
+    )
+    # Loss scaling for forward_dtype=float16 (training.loss_scaling).
+    loss_scaling: Literal["auto", "dynamic", "none"] = Field(
+        "auto",
+        description="dynamic loss scaling: auto (on when arch.forward_dtype is float16), "
+        "dynamic or none",
+    )
+    loss_scale_init: float = Field(2.0**16, gt=0, description="the first loss scale")
+    loss_scale_growth_interval: int = Field(
+        2000, ge=1, description="finite steps in a row before the scale doubles"
+    )
+
     @field_validator("grad_clip_norm")
     @classmethod
     def _no_clip(cls, value: float | None) -> float | None:
@@ -241,6 +294,13 @@ class PretrainConfig(StrictModel):
                     f"({self.effective_batch_size} = {implied} x global_batch_size "
                     f"{self.global_batch_size}) disagree; give one of them"
                 )
+        if self.sampling == "hard_examples" and self.sampler not in (None, "uniform"):
+            raise ValueError(
+                f"sampling=hard_examples weights the uniform sampler's variant picks; it does "
+                f"not apply to sampler={self.sampler}: drop one of them"
+            )
+        if self.in_sweep and self.logger == "none":
+            raise ValueError("in_sweep=True reads its values from W&B; drop no_wandb/logger=none")
         if self.freeze_decoder_steps and not self.objective.is_gradient_descent:
             raise ValueError(
                 f"freeze_decoder_steps trains with the summed loss only; use objective=sum with "
@@ -267,6 +327,13 @@ class PretrainConfig(StrictModel):
         if self.effective_batch_size is not None:
             return self.effective_batch_size // self.global_batch_size
         return 1
+
+    @property
+    def loss_scaled(self) -> bool:
+        """Whether gradients come from a dynamically scaled loss (``loss_scaling``)."""
+        if self.loss_scaling == "auto":
+            return getattr(self.arch, "forward_dtype", None) == "float16"
+        return self.loss_scaling == "dynamic"
 
     @property
     def ema_per_micro_batch(self) -> bool:
@@ -329,6 +396,7 @@ def validate_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
         data = fold_fork_knobs(dict(data))
     except ValueError as e:
         raise ConfigError(f"grad_aggregation: {e}") from None
+    data = fold_fork_loop_knobs(data)
     if "arch" not in data:
         raise ConfigError("arch: required key is missing; pick one with arch=<name>")
     data["arch"] = validate_named(ARCH_CONFIGS, data["arch"], "arch")
@@ -341,6 +409,36 @@ def validate_pretrain_config(data: dict[str, Any]) -> PretrainConfig:
     config = validate_model(PretrainConfig, data)
     _check_objective_fits_arch(config)
     return config
+
+
+def fold_fork_loop_knobs(data: dict[str, Any]) -> dict[str, Any]:
+    """The JD fork's ``+dropout``, ``+no_wandb`` and ``+custom_sampling`` → ``arch.dropout``,
+    ``logger=none`` and ``sampling``; a value that contradicts the key it folds into is refused.
+    """
+    data = dict(data)
+    if "dropout" in data:
+        arch = data.get("arch")
+        if not isinstance(arch, dict):
+            raise ConfigError("dropout: needs an arch section to set arch.dropout in")
+        data["arch"] = {**arch, "dropout": data.pop("dropout")}
+    if "no_wandb" in data:
+        no_wandb = data.pop("no_wandb")
+        if not isinstance(no_wandb, bool):
+            raise ConfigError(f"no_wandb: expected true or false (got {no_wandb!r})")
+        if no_wandb:
+            data["logger"] = "none"
+    if "custom_sampling" in data:
+        custom = data.pop("custom_sampling")
+        if not isinstance(custom, bool):
+            raise ConfigError(f"custom_sampling: expected true or false (got {custom!r})")
+        wanted = "hard_examples" if custom else "uniform"
+        if data.get("sampling", wanted) != wanted:
+            raise ConfigError(
+                f"custom_sampling={custom} means sampling={wanted}, but sampling="
+                f"{data['sampling']} is also given; keep one of them"
+            )
+        data["sampling"] = wanted
+    return data
 
 
 def _check_objective_fits_arch(config: PretrainConfig) -> None:

@@ -75,16 +75,12 @@ from utils.checkpoint import (
 )
 from utils.config import ConfigError, compose, lenient_overrides, validate_model
 from utils.distributed import (
-    CollectiveError,
     DistInfo,
-    MainRankError,
     cleanup,
     collective_phase,
-    env_rank,
-    exit_now,
     init_distributed,
 )
-from utils.schema import UserError
+from utils.exit_codes import user_errors_exit
 
 SUMMARY_FILE = "evaluation.json"
 
@@ -262,7 +258,7 @@ def run_trace_instead(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistI
 
 @hydra.main(config_path="config", config_name="cfg_evaluate", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with user_errors_exit():
         ecfg, trace = load_configs(cfg)
         dist_info = init_distributed(ecfg.device)
         try:
@@ -275,16 +271,6 @@ def main(cfg: DictConfig) -> None:
                 metrics = run(ecfg, dist_info)
         finally:
             cleanup()
-    except CollectiveError as e:
-        print(f"error: {e}", file=sys.stderr)
-        exit_now(3)
-    except (ConfigError, MainRankError) as e:  # the same on every rank: rank 0 reports it
-        if env_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if dist_info.is_main:
         for key in sorted(metrics):
             print(f"{key}: {metrics[key]:.4f}")

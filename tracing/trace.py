@@ -56,17 +56,13 @@ from training.state import build_model
 from utils.checkpoint import load_model_weights
 from utils.config import ConfigError, lenient_overrides, validate_model
 from utils.distributed import (
-    CollectiveError,
     DistInfo,
-    MainRankError,
     cleanup,
     collective_phase,
-    env_rank,
-    exit_now,
     gather_objects,
     init_distributed,
 )
-from utils.schema import UserError
+from utils.exit_codes import user_errors_exit
 
 
 def config_hash(config: PretrainConfig) -> str:
@@ -198,7 +194,7 @@ def load_trace_config(cfg: DictConfig) -> tuple[EvaluateConfig, TraceConfig]:
 
 @hydra.main(config_path="../config", config_name="cfg_trace", version_base=None)
 def main(cfg: DictConfig) -> None:
-    try:
+    with user_errors_exit():
         ecfg, trace = load_trace_config(cfg)
         dist_info = init_distributed(ecfg.device)
         try:
@@ -206,16 +202,6 @@ def main(cfg: DictConfig) -> None:
                 per_step = run_trace(ecfg, trace, dist_info)
         finally:
             cleanup()
-    except CollectiveError as e:
-        print(f"error: {e}", file=sys.stderr)
-        exit_now(3)
-    except (ConfigError, MainRankError) as e:
-        if env_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     if dist_info.is_main:
         print(format_table(per_step))
         print(f"trace written to {trace.out}")

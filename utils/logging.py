@@ -57,6 +57,7 @@ _ENV_MODES = {
 _CURVE_COLOURS = ((0, 116, 217), (255, 65, 54), (46, 204, 64), (255, 133, 27), (240, 18, 190),
                   (127, 219, 255))  # fmt: skip
 _UNSAFE_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+_CODE_FILES = (".py", ".yaml", ".txt")  # what W&B's code artifact keeps of the code folder
 
 
 def default_project_name(data_paths: Sequence[str]) -> str:
@@ -155,6 +156,16 @@ class RunLogger(Protocol):
     def finish(self) -> None: ...
 
 
+@runtime_checkable
+class CodeLogger(Protocol):
+    """A logger that takes the run's source code: ``log_code(folder)`` with the code folder that
+    ``training.run_files`` writes (W&B stores it as the run's code artifact; the JSON-lines and
+    null loggers ignore it, the copy on disk being the record). Separate from ``RunLogger`` so
+    that a logger without it still is one."""
+
+    def log_code(self, folder: str | os.PathLike[str]) -> None: ...
+
+
 def check_images(images: Sequence[np.ndarray], captions: Sequence[str]) -> list[np.ndarray]:
     """``images`` as C-contiguous RGB uint8 arrays [H, W, 3]; one caption per image."""
     if len(images) != len(captions):
@@ -202,6 +213,9 @@ class NullLogger:
         x_name: str,
     ) -> None:
         """Ignore the curve."""
+
+    def log_code(self, folder: str | os.PathLike[str]) -> None:
+        """Ignore the code folder."""
 
     def finish(self) -> None:
         """Nothing to close."""
@@ -309,6 +323,9 @@ class JsonlLogger:
         image = curve_image(xs, series, x_name=x_name, title=f"{key} (step {int(step)})")
         Image.fromarray(image).save(folder / f"{stem}.png")
 
+    def log_code(self, folder: str | os.PathLike[str]) -> None:
+        """Ignore the code folder: it is already in the run folder."""
+
     def finish(self) -> None:
         """Close the file (if anything was logged)."""
         if self._file is not None:
@@ -323,6 +340,10 @@ class WandbLogger:
     files go under ``run_dir/wandb``. The run starts at the first ``log``/``log_config`` call
     or ``run`` access, so nothing is created before the run has something to say. ``run`` is
     the ``wandb`` run, e.g. for ``run.log_code``.
+
+    Given ``run``, a run already started (a W&B sweep trial's, ``sweeps.in_sweep``), it logs
+    into that run instead of calling ``wandb.init`` a second time, and adds ``config`` to the
+    run's config at its first use.
     """
 
     def __init__(
@@ -332,6 +353,7 @@ class WandbLogger:
         config: Mapping[str, Any],
         run_dir: str | os.PathLike[str],
         mode: str,
+        run: Any = None,
     ) -> None:
         if mode not in WANDB_MODES:
             raise ConfigError(f"unknown W&B mode {mode!r}; choose one of {list(WANDB_MODES)}")
@@ -339,7 +361,8 @@ class WandbLogger:
 
         self._wandb = wandb
         self._init_args = (project, run_name, dict(config), os.fspath(run_dir), mode)
-        self._run: Any = None
+        self._run: Any = run
+        self._joined_config = dict(config) if run is not None else None
 
     @property
     def run(self) -> Any:
@@ -355,6 +378,9 @@ class WandbLogger:
                 mode=mode,
                 settings=self._wandb.Settings(x_disable_stats=True),
             )
+        elif self._joined_config is not None:
+            self._run.config.update(self._joined_config, allow_val_change=True)
+            self._joined_config = None
         return self._run
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
@@ -402,6 +428,11 @@ class WandbLogger:
         )
         self.run.log({key: chart, f"{key}_data": table}, step=step)
 
+    def log_code(self, folder: str | os.PathLike[str]) -> None:
+        """``run.log_code(folder)``: its ``.py``, ``.yaml`` and ``.txt`` files become the run's
+        code artifact."""
+        self.run.log_code(os.fspath(folder), include_fn=lambda path: path.endswith(_CODE_FILES))
+
     def finish(self) -> None:
         """Finish the run if it started (an offline run can then be uploaded with
         ``wandb sync``)."""
@@ -444,6 +475,12 @@ class MultiLogger:
         """Log the curve to every logger."""
         for logger in self.loggers:
             logger.log_curve(key, xs, ys, step, x_name)
+
+    def log_code(self, folder: str | os.PathLike[str]) -> None:
+        """Send the code folder to every logger that takes code."""
+        for logger in self.loggers:
+            if isinstance(logger, CodeLogger):
+                logger.log_code(folder)
 
     def finish(self) -> None:
         """Finish every logger."""
@@ -527,11 +564,14 @@ def build_logger(
     config: Mapping[str, Any],
     run_dir: str | os.PathLike[str],
     is_main: bool,
+    wandb_run: Any = None,
 ) -> RunLogger:
     """The run's logger: ``NullLogger`` off rank 0; on rank 0 ``run_dir/metrics.jsonl`` (with the
     config in ``metrics.config.json``) plus, for ``wandb`` (online if a key is available, else
     offline) or ``wandb_offline``, a W&B run unless ``resolve_wandb_mode`` disables it. Files
-    and the W&B run are created at the first metrics, not here."""
+    and the W&B run are created at the first metrics, not here. ``wandb_run``: a W&B run already
+    started (a sweep trial's, ``sweeps.in_sweep``) that the W&B logger uses instead of its own.
+    """
     if kind not in LOGGER_KINDS:
         raise ConfigError(f"unknown logger {kind!r}; choose one of {list(LOGGER_KINDS)}")
     if not is_main:
@@ -539,8 +579,8 @@ def build_logger(
     loggers: list[RunLogger] = [JsonlLogger(Path(run_dir) / "metrics.jsonl", config)]
     if kind != "none":
         mode = resolve_wandb_mode("auto" if kind == "wandb" else "offline")
-        if mode != "disabled":
-            loggers.append(WandbLogger(project, run_name, config, run_dir, mode))
+        if mode != "disabled" or wandb_run is not None:
+            loggers.append(WandbLogger(project, run_name, config, run_dir, mode, run=wandb_run))
     return MultiLogger(loggers)
 
 

@@ -44,6 +44,7 @@ from training.config import PretrainConfig
 from training.data import check_eval_data, create_dataloader
 from training.evaluation import ema_weights, evaluate
 from training.preemption import InterruptedRunError, StopSignals
+from training.run_files import write_run_files
 from training.state import TrainState, create_train_state, seed_everything
 from training.step import NonFiniteLossError, StepResult, any_rank, train_batch
 from utils.distributed import DistInfo, collective_phase, decide_on_main
@@ -137,6 +138,8 @@ def run_training(
                 print(f"resumed from {folder} at step {state.step}")
         elif dist_info.is_main:
             print(f"resume=auto: no checkpoint in {config.checkpoint_path}; starting fresh")
+    if dist_info.is_main:
+        write_run_files(config, state.step, logger)
     if config.max_steps is not None and state.step >= config.max_steps:
         if dist_info.is_main:
             print(f"max_steps={config.max_steps} already reached at step {state.step}")

@@ -8,6 +8,9 @@ Hydra composes ``config/cfg_pretrain.yaml`` (a misspelt key, with or without ``+
 the validation: ``utils.config.lenient_overrides``); the result is validated
 (``training.config``) before any process group, file or folder is created. Rank 0 fills in
 the run's names and broadcasts the config, and ``training.loop.run_training`` does the rest.
+A ``wandb agent`` trial of the JD fork's W&B sweep (``+in_sweep=True``) first takes its
+sampled values from the agent's W&B run on rank 0, and logs into that run
+(``sweeps.in_sweep``).
 Exit codes: 2 for input problems (``utils.schema.UserError``, missing files), one ``error:``
 line (configuration errors from rank 0 only, since every rank finds the same); 3 when a
 collective timed out or lost a peer (``utils.distributed.CollectiveError``), one line from
@@ -22,11 +25,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
 from models.registry import MODELS
+from sweeps.in_sweep import join_sweep_run
 from training.config import PretrainConfig, check_world_size, load_pretrain_config
 from training.loop import default_evaluators, run_training
 from training.preemption import InterruptedRunError
@@ -35,10 +40,10 @@ from utils.distributed import (
     CollectiveError,
     DistInfo,
     MainRankError,
-    broadcast_object,
     cleanup,
     collective_phase,
     configure_timeouts,
+    decide_on_main,
     env_rank,
     env_world_size,
     exit_now,
@@ -63,8 +68,17 @@ def fill_run_names(config: PretrainConfig) -> PretrainConfig:
 
 
 def launch(config: PretrainConfig, dist_info: DistInfo) -> None:
+    wandb_run: Any = None  # rank 0's W&B run of a sweep trial, which the logger joins
+
+    def resolve() -> PretrainConfig:
+        nonlocal wandb_run
+        resolved = config
+        if config.in_sweep:
+            resolved, wandb_run = join_sweep_run(config)
+        return fill_run_names(resolved)
+
     with collective_phase("start-up", slow=True):
-        config = broadcast_object(fill_run_names(config) if dist_info.is_main else None)
+        config = decide_on_main(resolve, dist_info.is_main)
     # Writes nothing until the first metrics: a run that fails its data checks leaves no
     # run folder behind.
     logger = build_logger(
@@ -74,6 +88,7 @@ def launch(config: PretrainConfig, dist_info: DistInfo) -> None:
         config=config.model_dump(mode="json"),
         run_dir=config.checkpoint_path,
         is_main=dist_info.is_main,
+        wandb_run=wandb_run,
     )
     try:
         # The set-up's collectives (initial weights, resume) follow rank 0's reads; the loop

@@ -66,6 +66,9 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "nonfinite_max_skips", "dist_timeout_s", "dist_timeout_slow_s", "allow_data_mismatch",
     # what is evaluated and whether a contaminated decoder may be
     "max_eval_groups", "allow_contaminated_decoder",
+    # the JD fork's step knobs (a checkpoint's step wins over start_step)
+    "start_step", "lr_first_step", "cap_total_steps", "run_evaluator_only_at_end",
+    "log_param_grad_norms_every",
 )  # fmt: skip
 _NOT_LOGGED = ("resume",)  # differs on every resume by design
 

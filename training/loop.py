@@ -11,6 +11,12 @@ per batch (ETRM-FCT) gets each batch N times, ``step`` counts optimizer steps (t
 length is N × the batches), and a checkpoint between two of a batch's steps resumes with the
 same batch and its remaining steps.
 
+The JD fork's knobs: ``start_step=N`` starts a fresh run's step counter at N (the schedule, the
+logged steps, the checkpoints' names; a resumed checkpoint's own step wins), so with
+``cap_total_steps`` the schedule's last N steps are past ``total_steps`` and their batches are
+skipped as upstream skips every such batch; ``run_evaluator_only_at_end`` evaluates after the
+last iteration only, checkpoints still following ``checkpoint_every_eval``.
+
 Gradient accumulation (k micro-batches per optimizer step, ``training.step``): each loader
 batch is one micro-batch and ``step`` counts optimizer steps (the schedule's length is the
 batches // k). Windows of k batches start at each iteration's first batch; the last
@@ -136,6 +142,9 @@ def run_training(
             last_checkpoint = folder
             if dist_info.is_main:
                 print(f"resumed from {folder} at step {state.step}")
+                if config.start_step:
+                    print(f"start_step={config.start_step} is ignored: the run continues "
+                          f"from the checkpoint's step {state.step}")  # fmt: skip
         elif dist_info.is_main:
             print(f"resume=auto: no checkpoint in {config.checkpoint_path}; starting fresh")
     if dist_info.is_main:
@@ -282,7 +291,10 @@ def _train(
             state.iteration = iteration + 1
             state.batches_in_iteration = 0
         is_last = stop or iteration == config.iterations - 1
-        if eval_loader is not None and (iteration >= (config.min_eval_interval or 0) or is_last):
+        evaluates = iteration >= (config.min_eval_interval or 0) or is_last
+        if config.run_evaluator_only_at_end:
+            evaluates = is_last  # the JD fork's knob; checkpoints below are unaffected
+        if eval_loader is not None and evaluates:
             save_path = None
             if config.checkpoint_path:
                 save_path = Path(config.checkpoint_path) / f"eval_step_{state.step}"

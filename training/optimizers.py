@@ -107,9 +107,12 @@ def apply_run_hyperparameters(named: NamedOptimizer, config: PretrainConfig) -> 
 def scheduled_lr(
     named: NamedOptimizer, step: int, total_steps: int, config: PretrainConfig
 ) -> float:
-    """Upstream's warm-up + cosine learning rate of ``named`` at ``step``."""
+    """Upstream's warm-up + cosine learning rate of ``named`` for optimizer step ``step`` (the
+    counter once the step is counted): read at ``step`` (``lr_first_step=1``, upstream counts
+    the step first) or at ``step - 1`` (``0``, the JD fork counts it after the update, so
+    warm-up starts at lr 0)."""
     return cosine_schedule_with_warmup_lr_lambda(
-        step,
+        step - 1 + config.lr_first_step,
         base_lr=named.base_lr,
         num_warmup_steps=config.lr_warmup_steps,
         num_training_steps=total_steps,

@@ -354,6 +354,7 @@ def create_train_state(
         optimizers=optimizers,
         strategy=strategy,
         total_steps=schedule_length(config, data, strategy.updates_per_batch),
+        step=config.start_step,  # the JD fork's start_step; a resumed checkpoint's step wins
         accumulation_steps=k,
         slot_carries=[None] * k if k > 1 else [],
         ema=ema,

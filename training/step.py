@@ -10,7 +10,9 @@ update: ``nonfinite=stop`` ends the run there (the weights stay those of the las
 every checkpoint holds finite weights); ``nonfinite=skip`` drops the batch's update and goes on,
 ending the run after ``nonfinite_max_skips`` skips in a row. The metric sums, the non-finite
 flags, the stop request of any rank (a signal, ``training.preemption``) and the norms share one
-all-reduce and one host read.
+all-reduce and one host read; every ``log_param_grad_norms_every`` steps rank 0 adds each
+parameter's gradient norm to that read (``training.param_norms``). A step past ``total_steps``
+trains on nothing (upstream) unless ``cap_total_steps=False`` (the JD fork).
 
 ``freeze_decoder_steps=N`` (ETRM's staged training) trains only the encoder for the first N
 optimizer steps: the decoder's parameters take no gradient then, so their weights, optimizer
@@ -46,6 +48,7 @@ from torch import nn
 
 from training.config import PretrainConfig
 from training.optimizers import keep_micro_batch_gradients, step_optimizers
+from training.param_norms import logs_param_grad_norms, param_grad_norms
 from training.state import AccumulationWindow, TrainState
 from training.strategies import Gradients
 from utils.distributed import DistInfo, all_reduce_sum_
@@ -198,6 +201,12 @@ def _norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
 
 
+def beyond_schedule(config: PretrainConfig, state: TrainState) -> bool:
+    """Whether the current step is past ``total_steps`` and so not trained on (upstream, and
+    ``cap_total_steps=True``); the JD fork trains on every batch the data yields."""
+    return config.cap_total_steps and state.step > state.total_steps
+
+
 def decoder_frozen(config: PretrainConfig, step: int) -> bool:
     """Whether optimizer step ``step`` (1-based) trains only the encoder."""
     return step <= config.freeze_decoder_steps
@@ -272,7 +281,7 @@ def _micro_batch(
     """A window's micro-batch before its last: gradients added up, nothing reduced or read."""
     strategy, window = state.strategy, state.window
     assert strategy is not None
-    if state.step > state.total_steps or window.skip is not None:
+    if beyond_schedule(config, state) or window.skip is not None:
         return
     batch = {k: v.to(dist_info.device, non_blocking=True) for k, v in batch.items()}
     _enter_slot(state, batch)
@@ -330,7 +339,7 @@ def _optimizer_step(
 ) -> StepResult:
     strategy = state.strategy
     assert strategy is not None
-    if state.step > state.total_steps:  # upstream skips batches beyond the schedule
+    if beyond_schedule(config, state):
         return StepResult(None, any_rank(stop_requested, dist_info.device))
     batch = {k: v.to(dist_info.device, non_blocking=True) for k, v in batch.items()}
     if state.window.skip is not None:
@@ -362,6 +371,8 @@ def _optimizer_step(
             members = {id(p) for p in group}
             grads = [p.grad for p in with_grad if id(p) in members]
             norms[f"train/grad_norm/{name}"] = _norm(grads, dist_info.device)
+        if dist_info.is_main and logs_param_grad_norms(config, state.step):
+            norms.update(param_grad_norms(state.raw_model))
     # One all-reduce and one host read per step: the metric sums and the flags are summed over
     # ranks (so every rank takes the same decision), the norms ride along, and all are read
     # together.

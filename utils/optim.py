@@ -290,7 +290,9 @@ def cosine_schedule_with_warmup_lr_lambda(
     ``step < warmup``: ``base_lr·step/warmup``. Afterwards, with
     ``progress = (step − warmup) / max(1, total − warmup)``:
     ``base_lr·(min_ratio + max(0, (1 − min_ratio)·½·(1 + cos(2π·num_cycles·progress))))``, which
-    reaches ``base_lr·min_ratio`` at ``step == total`` for the default half cycle.
+    reaches ``base_lr·min_ratio`` at ``step == total`` for the default half cycle. Progress is
+    not clamped: past ``total`` (a run that trains on every batch, ``cap_total_steps=False``)
+    the cosine goes on and the lr rises again, as in the JD fork's copy of this function.
     """
     if num_warmup_steps < 0 or num_training_steps < 0:
         raise ValueError(

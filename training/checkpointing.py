@@ -158,6 +158,8 @@ def save_train_state(
                 "data": data.state_at(state.iteration, state.batches_in_iteration),
             },
         }
+        if "loss_scaler" in components:
+            shared[ckpt.TRAIN_FILE]["loss_scaler"] = components["loss_scaler"]
         if "ema" in components:
             shared[ckpt.EMA_FILE] = components["ema"]
         meta["data"] = data_fingerprints(config)
@@ -461,6 +463,8 @@ def resume_train_state(
         "progress": train["progress"],
         "strategy": train["strategy"],
     }
+    if "loss_scaler" in train:
+        components["loss_scaler"] = train["loss_scaler"]
     if ckpt.EMA_FILE in shared:
         components["ema"] = shared[ckpt.EMA_FILE]
     state.load_state_dict(components, config, source=str(folder))

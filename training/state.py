@@ -5,7 +5,8 @@ Components and where they are saved (``utils.checkpoint`` writes the files):
 * ``model.pt``: the loss head's state dict (upstream's keys ``model.inner....``);
 * ``ema.pt``: the EMA shadow (``ema=True``);
 * ``train_state.pt``: the optimizers keyed by group name, the progress counters, the step
-  strategy's state and the data position (the loader's, added by ``training.checkpointing``);
+  strategy's state, the data position (the loader's, added by ``training.checkpointing``) and,
+  with ``loss_scaling`` on, the loss scale (``training.loss_scaling``);
 * ``rank_N.pt``: each process's ACT carry (with gradient accumulation, one per micro-batch
   slot) and RNG states;
 * ``meta.json`` (``training.checkpointing``) also records the provenance of the weights
@@ -37,6 +38,7 @@ from models.family import Capabilities, ModelFamily, family_of
 from models.recursive_reasoning.act import ACTCarry
 from models.recursive_reasoning.common import ModelDims
 from training.config import PretrainConfig, check_world_size
+from training.loss_scaling import DynamicLossScaler, build_loss_scaler
 from training.optimizers import NamedOptimizer, apply_run_hyperparameters, build_optimizers
 from training.pretrained_decoder import (
     Contamination,
@@ -115,6 +117,7 @@ class TrainState:
     window: AccumulationWindow = field(default_factory=AccumulationWindow)
     ema: EMAHelper | None = None
     nonfinite_streak: int = 0  # nonfinite=skip: skipped steps in a row (restarts on resume)
+    loss_scaler: DynamicLossScaler | None = None  # loss_scaling on (float16): the loss scale
     # Where the weights' tasks came from (saved in meta.json) and, for a strict-split
     # evaluation set, what it shares with them (its metrics join every evaluation result).
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +127,11 @@ class TrainState:
     def raw_model(self) -> nn.Module:
         """The loss head without compile/DDP wrappers (state dicts, EMA)."""
         return unwrap_module(self.model)
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor the strategies multiply the loss by before its backward (1 unscaled)."""
+        return self.loss_scaler.scale if self.loss_scaler is not None else 1.0
 
     # ------------------------------------------------------------------------------------------
     # Saving and loading, component by component
@@ -145,6 +153,8 @@ class TrainState:
             },
             "strategy": self.strategy.state_dict() if self.strategy is not None else {},
         }
+        if self.loss_scaler is not None:
+            state["loss_scaler"] = self.loss_scaler.state_dict()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         return state
@@ -175,6 +185,9 @@ class TrainState:
         self.batches_in_iteration = progress["batches_in_iteration"]
         if self.strategy is not None:
             self.strategy.load_state_dict(state.get("strategy", {}))
+        # A checkpoint written without loss scaling leaves the scale at loss_scale_init.
+        if self.loss_scaler is not None and "loss_scaler" in state:
+            self.loss_scaler.load_state_dict(state["loss_scaler"])
 
     def rank_state_dict(self, device: torch.device) -> dict[str, Any]:
         """This process's own components: the ACT carry (per micro-batch slot with gradient
@@ -357,6 +370,7 @@ def create_train_state(
         step=config.start_step,  # the JD fork's start_step; a resumed checkpoint's step wins
         accumulation_steps=k,
         slot_carries=[None] * k if k > 1 else [],
+        loss_scaler=build_loss_scaler(config, strategy.name, family.puzzle_embedding(head)),
         ema=ema,
         provenance=provenance,
         contamination=contamination,

@@ -83,6 +83,7 @@ class _SkipBatchError(Exception):
 _NON_FINITE_LOSS = "_non_finite_loss"
 _NON_FINITE_NORM = "_non_finite_norm"
 _STOP = "_stop"
+_SCALED_OVERFLOW = "_scaled_overflow"  # loss scaling: a sparse gradient row was not finite
 
 
 def _stop_non_finite(what: str, state: TrainState, last_checkpoint: Path | None) -> None:
@@ -134,6 +135,27 @@ def _skip_update(
         )
     metrics = {"train/nonfinite_skipped": 1.0, "train/nonfinite_streak": state.nonfinite_streak}
     return StepResult(metrics, stop_requested, skipped=what)
+
+
+def _skip_overflow(
+    config: PretrainConfig,
+    state: TrainState,
+    reduced: dict[str, float],
+    strategy_metrics: dict[str, float],
+    stop_requested: bool,
+) -> StepResult:
+    """Loss scaling: a finite loss with a non-finite gradient means the scale was too large.
+    The update is dropped as ``_skip_update`` drops it and the scale backs off, but this is
+    not a non-finite event: ``nonfinite_streak`` stays as it was, and the ACT carry, from a
+    finite forward, goes on. The step's losses are logged."""
+    assert state.loss_scaler is not None
+    for named in state.optimizers.values():
+        named.optimizer.zero_grad()
+    k = state.accumulation_steps
+    metrics = normalize_metrics(reduced, config.global_batch_size * k, "train")
+    metrics.update(strategy_metrics)
+    metrics.update(state.loss_scaler.update(overflow=True))
+    return StepResult(metrics, stop_requested)
 
 
 def reduce_gradients(params: list[nn.Parameter]) -> None:
@@ -297,6 +319,8 @@ def _micro_batch(
         return
     _leave_slot(state)
     _add_to_window(window, grads_out)
+    if state.loss_scaler is not None:
+        state.loss_scaler.watch_sparse()
     keep_micro_batch_gradients(state.optimizers)
     if state.ema is not None and config.ema_per_micro_batch:
         state.ema.update(state.raw_model)
@@ -362,6 +386,10 @@ def _optimizer_step(
     if not grads_out.reduced_across_ranks:
         reduce_gradients(params)
     with_grad = [p for p in params if p.grad is not None]
+    scaler = state.loss_scaler
+    if scaler is not None:  # the norm, clipping and optimizers see the unscaled loss's gradients
+        scaler.watch_sparse()
+        scaler.unscale_([p.grad for p in with_grad])
     # The global norm after the reduction, logged before any clipping, and the norms of the
     # family's groups, which ride along in the same host read.
     norms: dict[str, torch.Tensor] = {}
@@ -382,6 +410,8 @@ def _optimizer_step(
     if norms:
         sums[_NON_FINITE_NORM] = ~torch.isfinite(norms["train/grad_norm"])
     sums[_STOP] = torch.tensor(float(stop_requested))
+    if scaler is not None:
+        sums[_SCALED_OVERFLOW] = scaler.take_overflow_flag(dist_info.device)
     keys = sorted(sums)
     values = torch.stack([sums[k].to(dist_info.device, torch.float32) for k in keys])
     all_reduce_sum_(values)
@@ -393,6 +423,9 @@ def _optimizer_step(
     stop = reduced.pop(_STOP) > 0
     bad_loss = reduced.pop(_NON_FINITE_LOSS, 0.0) > 0
     bad_norm = reduced.pop(_NON_FINITE_NORM, 0.0) > 0
+    bad_norm |= reduced.pop(_SCALED_OVERFLOW, 0.0) > 0
+    if scaler is not None and bad_norm and not bad_loss and scaler.can_back_off:
+        return _skip_overflow(config, state, reduced, strategy_metrics, stop)
     if bad_loss or bad_norm:
         what = "loss" if bad_loss else "gradient norm"
         if config.nonfinite == "stop":
@@ -405,11 +438,13 @@ def _optimizer_step(
     lr = step_optimizers(state.optimizers, state.step, state.total_steps, config)
     if state.ema is not None:
         state.ema.update(state.raw_model)
+    scale_metrics = scaler.update(overflow=False) if scaler is not None else {}
 
     k = state.accumulation_steps
     metrics = normalize_metrics(reduced, config.global_batch_size * k, "train")
     metrics.update(strategy_metrics)
     metrics["train/lr"] = lr
+    metrics.update(scale_metrics)
     if k > 1:
         metrics["train/micro_batches"] = float(k)
     metrics.update(zip(norms, host[len(keys) :], strict=True))

@@ -116,8 +116,10 @@ class GradientDescent(StepStrategy):
         loss = out.total()
         # The one place the loss is normalised: every rank divides its local sum by the
         # examples of the optimizer step (global batch × micro-batches), and the SUM
-        # all-reduce of the accumulated gradients then gives the mean over them.
-        (loss / self.loss_divisor).backward()
+        # all-reduce of the accumulated gradients then gives the mean over them. The loss
+        # scale (a power of two, 1 unless training.loss_scaling is on) lifts float16's
+        # activation gradients out of underflow; training.step divides it out again.
+        (loss * state.loss_scale / self.loss_divisor).backward()
         return Gradients(out, unchecked_non_finite=(~torch.isfinite(loss.detach())).float())
 
 

@@ -54,7 +54,7 @@ class EncoderConfig(StrictModel):
     seq_len: int = Field(900, ge=1, description="S tokens per grid (30 × 30)")
     expansion: float = Field(4.0, gt=0, description="SwiGLU width / hidden_size")
     rms_norm_eps: float = Field(1e-5, gt=0, description="RMS norm epsilon")
-    forward_dtype: Literal["bfloat16", "float32"] = Field(
+    forward_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="activation dtype"
     )
     pooling_method: Literal["mean", "attention", "weighted"] = Field(

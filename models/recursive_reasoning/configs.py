@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from models.arch_config import ARCH_CONFIGS, ArchConfig
 
 PosEncodings = Literal["rope", "learned", "none"]
-ForwardDtype = Literal["bfloat16", "float32"]
+ForwardDtype = Literal["bfloat16", "float16", "float32"]
 
 
 class ACTArchConfig(ArchConfig):

@@ -62,7 +62,6 @@ from training.objectives import (
 from utils.schema import ConfigError
 
 NORM_EPS = 1e-4  # TorchJD's QuadprogProjector threshold on trace(G)
-MAX_ROWS = 512  # objectives the rows provider differentiates one by one (each ≈ one backward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +89,7 @@ class Layout:
 
     @property
     def m_halt(self) -> int:
-        if not self.has_halt or self.spec.halt in ("in", "drop"):
+        if not self.has_halt or self.spec.halt in ("in", "spread", "drop"):
             return 0
         return 1 if self.spec.halt == "separate" else self.kept("supervision") * self.B
 
@@ -119,8 +118,10 @@ class Layout:
     def owned(self, s: int, device: torch.device | None) -> Tensor | None:
         """[B, g]: the objectives of step ``s`` that belong to each sample (its token
         objectives, then its halting objective), when every objective belongs to one sample:
-        the sample axis is kept and the halting loss is not one shared objective. Else None."""
-        if "sample" not in self.spec.keep or (self.m_halt and self.spec.halt == "separate"):
+        the sample axis is kept and the halting loss is neither one shared objective nor spread
+        over every sample's objectives. Else None."""
+        shared_halt = self.has_halt and self.spec.halt in ("separate", "spread")
+        if "sample" not in self.spec.keep or shared_halt:
             return None
         index = self.token_index(s, device).reshape(self.B, -1)
         if self.m_halt:
@@ -132,6 +133,9 @@ class Layout:
         index = self.token_index(s, device).reshape(self.B, -1)
         spread = torch.zeros(self.B, self.m_tokens, device=device, dtype=dtype)
         spread.scatter_(1, index, 1.0)
+        if self.spec.halt == "spread":
+            # Every token objective of the step, whichever sample it belongs to.
+            spread = spread.amax(0, keepdim=True).expand_as(spread)
         return spread / spread.sum(1, keepdim=True)
 
 
@@ -166,7 +170,7 @@ def step_contributions(
     if halt_loss_B is None or spec.halt == "drop":
         return out
     halt = halt_loss_B.to(out.dtype)
-    if spec.halt == "in":
+    if spec.halt in ("in", "spread"):
         spread = layout.halt_targets(s, out.device, out.dtype)
         return out + torch.nn.functional.pad(halt[:, None] * spread, (0, layout.m_halt))
     extra = torch.zeros_like(out)
@@ -264,15 +268,36 @@ class JDResult:
 
 
 @dataclass
+class EmbeddingRows:
+    """The puzzle embedding's batch rows and the identifiers each supervision step looked up.
+
+    ``weights``: the ``local_weights`` leaf [B, D] of a ``CastedSparseEmbedding``; ``ids``: its
+    ``local_ids`` buffer [B]. Between stacked steps an ACT slot that halts reloads another
+    puzzle, so one optimizer step's rows belong to different puzzles at different steps. The
+    step generator appends ``ids.clone()`` to ``seen`` after each forward; the providers keep
+    each step's row gradients apart, and ``JacobianDescent.step`` writes them step by step,
+    calling ``keep()`` (which sets the current ids and row gradients aside for the sparse
+    optimizer, ``training.optimizers.keep_micro_batch_gradients``) before each later step's.
+    """
+
+    weights: Tensor
+    ids: Tensor
+    keep: Callable[[], None]
+    seen: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
 class _Gramian:
     """A provider's result: G [m, m]; the dense Jacobian J [m, n] when it was materialised (for
-    Jacobian aggregators); ``apply(w, update)`` adds the gradient of Σ_i w_i·objective_i, with
-    the aggregator's own dense ``update`` in place of Jᵀw when there is one, to ``.grad``. The
-    caller has already scaled w and the update."""
+    Jacobian aggregators); ``apply(w, update)`` adds the gradient of Σ_i w_i·objective_i of
+    the dense parameters, with the aggregator's own dense ``update`` in place of Jᵀw when there
+    is one, to ``.grad`` and returns the embedding rows' share, one flat [B·d] tensor per
+    supervision step (empty when a weighted backward wrote it). The caller has already scaled
+    w and the update."""
 
     G: Tensor
     J: Tensor | None
-    apply: Callable[[Tensor, Tensor | None], None]
+    apply: Callable[[Tensor, Tensor | None], list[Tensor]]
     reduced_across_ranks: bool = False
 
 
@@ -294,34 +319,83 @@ def _assign_flat(params: Sequence[Tensor], flat: Tensor) -> None:
         offset += n
 
 
+def _batch_rows(grads: Sequence[Tensor | None], extra: Sequence[Tensor]) -> Tensor:
+    """[B, d]: the gradients of the batch-row tensors ``extra`` (each [B, ...]) side by side."""
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(x)).reshape(x.shape[0], -1).float()
+            for g, x in zip(grads, extra, strict=True)
+        ],
+        dim=1,
+    )
+
+
+def embedding_gramian(X: Sequence[Tensor], seen: Sequence[Tensor] | None) -> Tensor:
+    """[m, m]: the Gramian of the puzzle-embedding columns.
+
+    ``X[s]`` [m, B, d] holds the objectives' gradients on the batch rows at supervision step
+    s; ``seen[s]`` [B] the puzzle ids those rows held (None: the same ids at every step). A
+    slot that keeps its puzzle across steps differentiates one parameter, so its steps' columns
+    are summed; after a reload they are another puzzle's, a column of their own.
+    """
+    m, B = X[0].shape[:2]
+    merged = torch.zeros(len(X), m, B, X[0].shape[2], dtype=X[0].dtype, device=X[0].device)
+    slots = torch.arange(B, device=X[0].device)
+    for s, X_s in enumerate(X):
+        if seen is None:
+            first = torch.zeros(B, dtype=torch.long, device=X_s.device)
+        else:
+            earlier = torch.stack([seen[t].to(X_s.device) for t in range(s + 1)])  # [s+1, B]
+            # The first step at which this slot looked up the same puzzle.
+            first = (earlier == earlier[-1]).int().argmax(0)
+        merged[first, :, slots] += X_s.permute(1, 0, 2)
+    flat = merged.permute(1, 0, 2, 3).reshape(m, -1)
+    return flat @ flat.T
+
+
+def _embedding_steps(w: Tensor, X: Sequence[Tensor]) -> list[Tensor]:
+    """Σ_i w_i·X[s][i] flattened, for each step s: the weighted gradient of each step's rows."""
+    return [torch.einsum("i,ibd->bd", w.to(X_s.dtype), X_s).reshape(-1) for X_s in X]
+
+
 class JacobianRows:
     """Accumulates the Jacobian [m, n] of the objectives, one step's contributions at a time.
 
     ``add(contrib)`` differentiates every objective that step touched right away, so a step's
     graph is freed before the next step runs (stacked supervision steps cost one step's
-    activations, not S) unless ``keep_graph``. Columns ``[:n_dense]`` belong to ``params`` (they
-    form the Gramian); the rest to ``extra`` (the batch rows of the puzzle embedding, which only
-    follow the weights).
+    activations, not S) unless ``keep_graph``. ``J`` holds the columns of ``params``; ``X``
+    one [m, B, d] block per step for ``extra`` (the puzzle embedding's batch rows, [B, ...]
+    each), kept per step because a slot may look up another puzzle at the next one.
     """
 
     def __init__(self, params: Sequence[Tensor], extra: Sequence[Tensor], m: int) -> None:
-        self.params = list(params) + list(extra)
-        self.n_dense = sum(p.numel() for p in params)
+        self.params = list(params)
+        self.extra = list(extra)
+        self.m = m
         n = sum(p.numel() for p in self.params)
         self.J = torch.zeros(m, n, dtype=torch.float32, device=self.params[0].device)
+        self.X: list[Tensor] = []
 
     def add(self, contrib_Bm: Tensor, keep_graph: bool = False) -> None:
         objectives = contrib_Bm.sum(0)
         # Objectives this step does not touch have exactly zero contributions (and gradient).
         touched = (contrib_Bm.detach() != 0).any(0).nonzero().flatten().tolist()
+        X = None
+        if self.extra:
+            d = sum(x[0].numel() for x in self.extra)
+            X = self.J.new_zeros(self.m, self.extra[0].shape[0], d)
+            self.X.append(X)
+        inputs = self.params + self.extra
         for n, i in enumerate(touched):
             grads = torch.autograd.grad(
                 objectives[i],
-                self.params,
+                inputs,
                 retain_graph=keep_graph or n < len(touched) - 1,
                 allow_unused=True,
             )
-            self.J[i] += _flat_grads(grads, self.params).float()
+            self.J[i] += _flat_grads(grads[: len(self.params)], self.params).float()
+            if X is not None:
+                X[i] = _batch_rows(grads[len(self.params) :], self.extra)
 
 
 def weights_from(
@@ -340,6 +414,19 @@ def weights_from(
     return w.to(G.dtype), update
 
 
+def fork_would_fall_back(G: Tensor, divisor: float) -> bool:
+    """Whether the research fork's UPGrad would have returned the plain mean on this Gramian.
+
+    The fork differentiated every objective divided by D = ``divisor`` (global batch ×
+    micro-batches), so its UPGrad saw G/D² for our unscaled G [m, m]. TorchJD's
+    ``QuadprogProjector`` (UPGrad's default; norm_eps = 1e-4 in 0.7 and 0.18 alike) divides G
+    by its trace unless trace < norm_eps, strictly; then the normalised Gramian is 0, the
+    regularised QP is min vᵀ(reg_eps·I)v subject to v ≥ u, whose solution is u itself, and
+    the weights are the preference vector (1/m each): the mean. So: trace(G)/D² < 1e-4.
+    """
+    return float(G.double().trace()) / float(divisor) ** 2 < NORM_EPS
+
+
 def head_parameters(model: nn.Module) -> list[Tensor]:
     """The trainable parameters of the output heads (modules named ``lm_head`` or ``q_head``)."""
     return [
@@ -349,6 +436,21 @@ def head_parameters(model: nn.Module) -> list[Tensor]:
         for p in module.parameters()
         if p.requires_grad
     ]
+
+
+def too_many_objectives(spec: ObjectiveSpec, m: int, n: int) -> str | None:
+    """Why ``m`` ungrouped objectives over ``n`` parameters exceed ``spec.max_objectives``,
+    or None when they fit."""
+    if m <= spec.max_objectives:
+        return None
+    gib = m * n * 4 / 2**30
+    return (
+        f"objective '{spec.name}' has {m} objectives here, above objective.max_objectives="
+        f"{spec.max_objectives}: their dense Jacobian holds m × n floats ({m} × "
+        f"{n / 1e6:.1f}M parameters × 4 B = {gib:.1f} GiB) and each objective costs a backward; "
+        "group them with objective.groups=k (the fork's +grad_n_groups=k), or raise "
+        "objective.max_objectives on a device with that memory"
+    )
 
 
 class JacobianDescent:
@@ -381,6 +483,12 @@ class JacobianDescent:
         problem = partial_jd_problem(spec, aggregator)
         if problem is not None:
             raise ConfigError(problem)
+        if spec.include_puzzle_embedding and aggregator.kind != "gramian":
+            raise ConfigError(
+                f"objective.include_puzzle_embedding: aggregator '{aggregator.name}' needs the "
+                "Jacobian itself, which holds the weights' columns only; use a Gramian "
+                "aggregator (upgrad, mean, mgda, ...) or include_puzzle_embedding=False"
+            )
         self.heads = head_parameters(model) if spec.gramian == "heads" else []
         if spec.gramian == "heads" and not self.heads:
             raise ConfigError("objective.gramian heads: the model has no lm_head or q_head")
@@ -398,10 +506,11 @@ class JacobianDescent:
         if self.spec.method != "auto":
             return self.spec.method
         owned = layout.owned(0, None) is not None
-        if owned and self.per_sample_ready and layout.m <= MAX_ROWS:
+        if owned and self.per_sample_ready and layout.m <= self.spec.max_objectives:
             return "per_sample"
         gramian = self.aggregator_config.kind == "gramian"
-        if owned and gramian and layout.S == 1 and self.spec.groups is None:
+        single = layout.S == 1 and self.spec.groups is None
+        if owned and gramian and single and not self.spec.include_puzzle_embedding:
             return "autogram"
         return "rows"
 
@@ -426,20 +535,32 @@ class JacobianDescent:
         global_batch_size: int,
         step_index: int,
         all_reduce: Callable[[Tensor], Tensor],
+        embedding: EmbeddingRows | None = None,
     ) -> JDResult:
         """Aggregate and write ``.grad``. ``steps`` yields each supervision step's per-sample
-        contributions [B, m] (lazily: the providers differentiate each before the next)."""
+        contributions [B, m] (lazily: the providers differentiate each before the next).
+
+        ``global_batch_size`` is D, the examples of the optimizer step (global batch ×
+        micro-batches). ``extra_params``: batch-row tensors [B, ...] (the puzzle embedding's
+        rows), or ``embedding`` to write each stacked step's rows with the ids it looked up.
+        """
         t0 = time.perf_counter()
+        spec = self.spec
         method = self.method(layout)
-        grouping = grouping_matrix(layout.m, self.spec.groups, self.seed, step_index, None)
+        extra = [embedding.weights] if embedding is not None else list(extra_params)
+        seen = embedding.seen if embedding is not None else None
+        grouping = grouping_matrix(layout.m, spec.groups, self.seed, step_index, None)
         m = layout.m if grouping is None else grouping.shape[1]
         aggregator, kind = build_aggregator(self.aggregator_config, m), self.aggregator_config.kind
-        # Objectives every rank shares (no sample axis) are aggregated on the global Jacobian.
-        shared = "sample" not in self.spec.keep
+        # Objectives every rank shares (no sample axis) are aggregated on the global Jacobian,
+        # unless ranks: local (the fork: each rank its own, the updates summed by the ordinary
+        # gradient reduction).
+        shared = "sample" not in spec.keep and spec.ranks == "global"
+        include = spec.include_puzzle_embedding
         if method == "rows":
-            gram = _rows(steps, layout, params, extra_params, grouping, shared, all_reduce)
+            gram = _rows(steps, layout, params, extra, grouping, shared, all_reduce, include, seen)
         elif method == "per_sample":
-            gram = _per_sample(steps, layout, params, extra_params, grouping)
+            gram = _per_sample(steps, layout, params, extra, grouping, include, seen)
         elif method == "heads":
             gram = _heads(steps, layout, self.heads, grouping, shared, all_reduce)
         elif method == "autogram":
@@ -449,15 +570,45 @@ class JacobianDescent:
         else:
             raise ConfigError(f"unknown Jacobian method '{method}'")
         t1 = time.perf_counter()
-        w, update = weights_from(gram.G, aggregator, kind, gram.J)
+        D = float(global_batch_size)
+        if spec.scale == "global_batch":
+            # The fork's: the weighting sees the rows g_i/D, and the update is its (J/D)ᵀw.
+            G_seen, J_seen = gram.G / D**2, None if gram.J is None else gram.J / D
+            w_factor, update_factor = 1.0 / D, 1.0
+        else:
+            # Unscaled rows; m·Jᵀw/D makes Mean weighting the gradient-descent gradient.
+            G_seen, J_seen = gram.G, gram.J
+            w_factor = update_factor = m / D
+        w, update = weights_from(G_seen, aggregator, kind, J_seen)
         t2 = time.perf_counter()
-        scale = m / global_batch_size  # Mean weighting == gradient descent on the summed loss
-        gram.apply(scale * w.to(torch.float32), None if update is None else scale * update)
+        rows = gram.apply(
+            w_factor * w.to(torch.float32), None if update is None else update_factor * update
+        )
+        if rows and embedding is not None:
+            _write_rows_by_step(embedding, rows)
+        elif rows:
+            _assign_flat(extra, torch.stack(rows).sum(0))
         t3 = time.perf_counter()
-        metrics = {f"jd/{k}": v for k, v in gramian_metrics(gram.G, w).items()}
+        # The metrics are those of the Gramian the weighting saw (jd/degenerate: it fell back).
+        metrics = {f"jd/{k}": v for k, v in gramian_metrics(G_seen, w).items()}
+        metrics["jd/fork_would_fall_back"] = float(fork_would_fall_back(gram.G, D))
         timings = {"gramian": t1 - t0, "weighting": t2 - t1, "backward": t3 - t2}
         metrics.update({f"jd/seconds_{k}": v for k, v in timings.items()})
         return JDResult(metrics=metrics, reduced_across_ranks=gram.reduced_across_ranks)
+
+
+def _write_rows_by_step(embedding: EmbeddingRows, rows: Sequence[Tensor]) -> None:
+    """Each step's row gradients on the ids that step looked up: the earlier steps' set aside
+    by ``keep`` (as micro-batches are), the last one's left in ``.grad`` with its ids."""
+    if len(embedding.seen) != len(rows):
+        raise RuntimeError(
+            f"EmbeddingRows.seen holds {len(embedding.seen)} steps' ids for {len(rows)} steps"
+        )
+    for s, (ids, flat) in enumerate(zip(embedding.seen, rows, strict=True)):
+        if s:
+            embedding.keep()
+        embedding.ids.copy_(ids)
+        _assign_flat([embedding.weights], flat)
 
 
 def _grouped(c_Bm: Tensor, grouping: Tensor | None) -> Tensor:
@@ -472,31 +623,36 @@ def _rows(
     grouping: Tensor | None,
     shared: bool,
     all_reduce: Callable[[Tensor], Tensor],
+    include: bool = False,
+    seen: Sequence[Tensor] | None = None,
 ) -> _Gramian:
-    """One ``autograd.grad`` per objective, each step's as soon as it has run."""
+    """One ``autograd.grad`` per objective, each step's as soon as it has run. With
+    ``include`` the embedding rows' columns join the Gramian (``embedding_gramian``)."""
     m = layout.m if grouping is None else grouping.shape[1]
-    if m > MAX_ROWS:
-        raise ConfigError(
-            f"objective '{layout.spec.name}' has {m} objectives here, too many to "
-            f"differentiate one by one (at most {MAX_ROWS}); group them with "
-            "objective.groups=k (the fork's +grad_n_groups=k)"
-        )
+    problem = too_many_objectives(layout.spec, m, sum(p.numel() for p in params))
+    if problem is not None:
+        raise ConfigError(problem)
     rows = JacobianRows(params, extra, m)
     for c in steps:
         rows.add(_grouped(c, grouping))
-    # Contiguous copies: collectives need them, and the column blocks are strided views.
-    J_dense = rows.J[:, : rows.n_dense].contiguous()
-    J_extra = rows.J[:, rows.n_dense :].contiguous()
+    J_dense = rows.J
     if shared:
         # Sum the objectives' gradients over ranks, so that every rank aggregates the same
         # global Jacobian and applies the same update.
         all_reduce(J_dense)
+    G = J_dense @ J_dense.T
+    if include and rows.X:
+        G_emb = embedding_gramian(rows.X, seen)
+        if shared:
+            # Each rank's rows are other puzzles' columns: the global Gramian adds their blocks.
+            all_reduce(G_emb)
+        G = G + G_emb
 
-    def apply(w: Tensor, update: Tensor | None) -> None:
-        dense = update if update is not None else J_dense.T @ w
-        _assign_flat(rows.params, torch.cat([dense, J_extra.T @ w]))
+    def apply(w: Tensor, update: Tensor | None) -> list[Tensor]:
+        _assign_flat(rows.params, update if update is not None else J_dense.T @ w)
+        return _embedding_steps(w, rows.X)
 
-    return _Gramian(J_dense @ J_dense.T, J_dense, apply, reduced_across_ranks=shared)
+    return _Gramian(G, J_dense, apply, reduced_across_ranks=shared)
 
 
 def _heads(
@@ -519,9 +675,10 @@ def _heads(
     if shared:
         all_reduce(J)
 
-    def apply(w: Tensor, update: Tensor | None) -> None:
+    def apply(w: Tensor, update: Tensor | None) -> list[Tensor]:
         assert update is None  # Gramian weightings only (checked at construction)
         (c.sum(0) * w.to(c.dtype)).sum().backward()
+        return []
 
     return _Gramian(J @ J.T, None, apply)
 
@@ -532,25 +689,26 @@ def _per_sample(
     params: Sequence[Tensor],
     extra: Sequence[Tensor],
     grouping: Tensor | None,
+    include: bool = False,
+    seen: Sequence[Tensor] | None = None,
 ) -> _Gramian:
     """Objectives that each belong to one sample (``Layout.owned``): every backward yields the
     rows of B objectives at once (``models.per_sample``), so IWRM costs one backward.
 
     The per-sample rows J_fine [m_fine, n] are grouped algebraically (J = Aᵀ J_fine). The
     puzzle-embedding batch rows (``extra``: tensors [B, ...] whose row b only sample b uses)
-    give each objective a gradient on its owner's row, kept as E [m_fine, row size]; they
-    follow the weights as in the other providers.
+    give each objective a gradient on its owner's row, kept per step as E_s [m_fine, row
+    size]; they follow the weights as in the other providers, and with ``include`` join the
+    Gramian (Aᵀ G_emb,fine A).
     """
     B, m_fine = layout.B, layout.m
     device = params[0].device
-    if m_fine > MAX_ROWS:
-        raise ConfigError(
-            f"objective '{layout.spec.name}' has {m_fine} per-sample objectives here, too "
-            f"many to hold (at most {MAX_ROWS}); use method rows with objective.groups=k"
-        )
+    problem = too_many_objectives(layout.spec, m_fine, sum(p.numel() for p in params))
+    if problem is not None:
+        raise ConfigError(problem)
     J_fine = torch.zeros(m_fine, sum(p.numel() for p in params), device=device)
     row_sizes = [x[0].numel() for x in extra]
-    E = torch.zeros(m_fine, sum(row_sizes), device=device)
+    E_steps: list[Tensor] = []
     owner = torch.zeros(m_fine, dtype=torch.long, device=device)
     samples = torch.arange(B, device=device)
     # Gradients already there (accumulation) are set aside: every .grad seen below must come
@@ -564,6 +722,9 @@ def _per_sample(
             owned = layout.owned(s, device)
             assert owned is not None  # JacobianDescent.method checks it
             own_c = c.gather(1, owned.to(c.device))  # [B, g]: column r, one objective per sample
+            E = torch.zeros(m_fine, sum(row_sizes), device=device)
+            if extra:
+                E_steps.append(E)
             for r in range(own_c.shape[1]):
                 owner[owned[:, r]] = samples
                 if not own_c.requires_grad:
@@ -572,11 +733,7 @@ def _per_sample(
                 own_c[:, r].sum().backward(retain_graph=r < own_c.shape[1] - 1)
                 J_fine.index_add_(0, owned[:, r], sink.flat())
                 if extra:
-                    rows = [
-                        x.grad.reshape(B, -1) if x.grad is not None else x.new_zeros(B, size)
-                        for x, size in zip(extra, row_sizes, strict=True)
-                    ]
-                    E.index_add_(0, owned[:, r], torch.cat(rows, dim=1).float())
+                    E.index_add_(0, owned[:, r], _batch_rows([x.grad for x in extra], extra))
                     for x in extra:
                         x.grad = None
     leaked = [tuple(p.shape) for p in params if p.grad is not None]
@@ -589,16 +746,28 @@ def _per_sample(
         )
     A = None if grouping is None else grouping.to(device=device, dtype=J_fine.dtype)
     J = J_fine if A is None else A.T @ J_fine
+    G = J @ J.T
+    if include and E_steps:
+        X = []
+        for E in E_steps:
+            X_s = E.new_zeros(m_fine, B, E.shape[1])
+            X_s[torch.arange(m_fine, device=device), owner] = E
+            X.append(X_s)
+        G_emb = embedding_gramian(X, seen)
+        G = G + (G_emb if A is None else A.T @ G_emb @ A)
 
-    def apply(w: Tensor, update: Tensor | None) -> None:
+    def apply(w: Tensor, update: Tensor | None) -> list[Tensor]:
         w_fine = w if A is None else A @ w
-        dense = update if update is not None else J_fine.T @ w_fine
+        _assign_flat(params, update if update is not None else J_fine.T @ w_fine)
         # Each objective's embedding-row gradient lands on its owner's row, weighted.
-        rows = torch.zeros(B, E.shape[1], device=device).index_add_(0, owner, w_fine[:, None] * E)
-        per_tensor = [r.reshape(-1) for r in rows.split(row_sizes, dim=1)]
-        _assign_flat([*params, *extra], torch.cat([dense, *per_tensor]))
+        return [
+            torch.zeros(B, E.shape[1], device=device)
+            .index_add_(0, owner, w_fine[:, None] * E)
+            .reshape(-1)
+            for E in E_steps
+        ]
 
-    return _Gramian(J @ J.T, J, apply)
+    return _Gramian(G, J, apply)
 
 
 def _autogram(
@@ -611,9 +780,10 @@ def _autogram(
     output, back = _per_sample_output(c, layout, grouped=grouping is not None)
     G = back(engine.compute_gramian(output))
 
-    def apply(w: Tensor, update: Tensor | None) -> None:
+    def apply(w: Tensor, update: Tensor | None) -> list[Tensor]:
         assert update is None  # Gramian weightings only (checked by the caller)
         c.backward(w.to(c.dtype).expand_as(c))
+        return []
 
     return _Gramian(G, None, apply)
 

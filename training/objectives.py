@@ -39,10 +39,12 @@ class ObjectiveSpec(StrictModel):
         description="axes that index objectives (supervision, cycle, sample, pixel); the rest "
         "are summed",
     )
-    halt: Literal["in", "out", "separate", "drop"] = Field(
+    halt: Literal["in", "spread", "out", "separate", "drop"] = Field(
         "in",
-        description="halting loss: in (spread evenly over its sample's objectives), out (one "
-        "objective per sample), separate (one objective), drop (not trained)",
+        description="halting loss: in (spread evenly over its sample's objectives), spread (the "
+        "batch's summed halting loss spread evenly over every token objective of its step, the "
+        "fork's iwrm_pixelwise_q_halt_in), out (one objective per sample), separate (one "
+        "objective), drop (not trained)",
     )
     groups: int | None = Field(None, ge=1, description="random grouping into k objectives")
     supervisions: Literal["one", "stacked"] = Field(
@@ -71,6 +73,29 @@ class ObjectiveSpec(StrictModel):
         description="full: from every weight's gradients; heads: from lm_head/q_head only "
         "(partial Jacobian descent)",
     )
+    scale: Literal["none", "global_batch"] = Field(
+        "none",
+        description="none: the weighting sees the unscaled objectives and the update is "
+        "m·Jᵀw/D; global_batch (the fork's): every objective is divided by D = global batch × "
+        "micro-batches before the weighting and the update is its Jᵀw",
+    )
+    ranks: Literal["global", "local"] = Field(
+        "global",
+        description="objectives every rank shares (no sample axis): global aggregates the "
+        "Jacobian summed over ranks; local (the fork's) aggregates each rank's own and sums the "
+        "updates",
+    )
+    include_puzzle_embedding: bool = Field(
+        False,
+        description="the puzzle-embedding batch rows' gradients join the Gramian (the fork's); "
+        "False: they only follow the weights of the weights' Gramian",
+    )
+    max_objectives: int = Field(
+        512,
+        ge=1,
+        description="most objectives differentiated and held as a dense Jacobian m × n floats; "
+        "raise it on a big GPU, or group them (groups=k)",
+    )
 
     @property
     def is_gradient_descent(self) -> bool:
@@ -93,10 +118,18 @@ class ObjectiveSpec(StrictModel):
             raise ValueError("keeping the 'supervision' axis needs supervisions: stacked")
         if self.internal == "only" and self.halt in ("out", "separate"):
             raise ValueError("internal: only keeps no final-loss objective for the halting loss")
-        if self.method == "per_sample" and ("sample" not in self.keep or self.halt == "separate"):
+        if self.method == "per_sample" and (
+            "sample" not in self.keep or self.halt in ("separate", "spread")
+        ):
             raise ValueError(
                 "method: per_sample needs objectives that each belong to one sample (keep the "
-                "'sample' axis, halt not 'separate'); use method: auto"
+                "'sample' axis, halt not 'separate' or 'spread'); use method: auto"
+            )
+        if self.include_puzzle_embedding and (self.gramian == "heads" or self.method == "autogram"):
+            raise ValueError(
+                "include_puzzle_embedding: the puzzle-embedding rows join the Gramian only with "
+                "method rows, per_sample or auto and gramian: full (heads and autogram form it "
+                "without them)"
             )
         if self.method == "autogram" and self.supervisions == "stacked":
             raise ValueError(
@@ -125,7 +158,8 @@ MODES: dict[str, dict[str, Any]] = {
     "iwrm_with_q_halt_out": {"keep": ["sample"], "halt": "out"},
     "pixelwise_q_halt_in": {"keep": ["pixel"]},
     "pixelwise_q_halt_out": {"keep": ["pixel"], "halt": "out"},
-    "iwrm_pixelwise_q_halt_in": {"keep": ["sample", "pixel"]},
+    # The fork adds the batch's summed halting loss / (B·P) to every one of the B·P objectives.
+    "iwrm_pixelwise_q_halt_in": {"keep": ["sample", "pixel"], "halt": "spread"},
     "iwrm_pixelwise_q_halt_out": {"keep": ["sample", "pixel"], "halt": "out"},
     "stack_internal_losses": {"keep": ["cycle"], "internal": "with_final"},
     "stack_internal_losses_only": {"keep": ["cycle"], "internal": "only"},
@@ -150,19 +184,28 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 
+# Modes of this project beside the fork's (``objective=<name>`` only, no fork knob).
+OWN_MODES: dict[str, dict[str, Any]] = {
+    # Each sample's halting loss spread over that sample's P objectives (so every objective
+    # belongs to one sample and per-sample Gramians apply).
+    "iwrm_pixelwise_own_q_halt_in": {"keep": ["sample", "pixel"]},
+}
+_ALL_MODES = {**MODES, **OWN_MODES}
+
+
 def mode_fits(name: str, *, has_cycle_losses: bool, has_halting: bool) -> bool:
-    """Whether the fork's mode ``name`` applies to an architecture with these capabilities."""
-    spec = MODES[name]
+    """Whether the mode ``name`` applies to an architecture with these capabilities."""
+    spec = _ALL_MODES[name]
     if spec.get("internal", "none") != "none" and not has_cycle_losses:
         return False
     return not (spec.get("halt") in ("out", "separate") and not has_halting)
 
 
 def mode_spec(name: str, **overrides: Any) -> ObjectiveSpec:
-    """The spec of one of the fork's modes by name."""
-    if name not in MODES:
-        raise ValueError(f"unknown objective mode '{name}'; choose one of: {', '.join(MODES)}")
-    return ObjectiveSpec.model_validate({"name": name, **MODES[name], **overrides})
+    """The spec of one of the fork's modes (or of ``OWN_MODES``) by name."""
+    if name not in _ALL_MODES:
+        raise ValueError(f"unknown objective mode '{name}'; choose one of: {', '.join(_ALL_MODES)}")
+    return ObjectiveSpec.model_validate({"name": name, **_ALL_MODES[name], **overrides})
 
 
 # TorchJD aggregators by our name: (class in torchjd.aggregation, kind). Gramian weightings map

@@ -87,8 +87,10 @@ HALT_PLACEMENT: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] 
     "lm_loss_vs_q_halt_loss": lambda tok, halt: torch.stack([tok.sum(), halt.sum()]),
     "pixelwise_q_halt_in": lambda tok, halt: tok.sum(0) + halt.sum() / 4,
     "pixelwise_q_halt_out": lambda tok, halt: torch.cat([tok.sum(0), halt]),
-    # iwrm × pixel with the halting loss in: sample b's halting loss spread over its 4 pixels.
-    "iwrm_pixelwise_q_halt_in": lambda tok, halt: (tok + halt[:, None] / 4).reshape(-1),
+    # iwrm × pixel with each sample's halting loss spread over its own 4 pixels.
+    "iwrm_pixelwise_own_q_halt_in": lambda tok, halt: (tok + halt[:, None] / 4).reshape(-1),
+    # The fork's: the batch's summed halting loss spread over all 3·4 objectives.
+    "iwrm_pixelwise_q_halt_in": lambda tok, halt: (tok + halt.sum() / 12).reshape(-1),
 }
 
 

@@ -33,6 +33,7 @@ from models.losses import LossOutput
 from models.recursive_reasoning.act import perturb_carry
 from training import jd
 from training.config import PretrainConfig
+from training.optimizers import keep_micro_batch_gradients
 from utils.distributed import all_reduce_sum_
 from utils.registry import Registry
 from utils.schema import ConfigError
@@ -231,12 +232,23 @@ class JacobianDescent(StepStrategy):
         spec = self.config.objective
         layout = self._layout(batch)
         last: dict[str, LossOutput] = {}
+        # A slot that halts between stacked steps reloads another puzzle: each step's
+        # puzzle-embedding rows are written with the ids that step looked up (jd.EmbeddingRows).
+        emb = None
+        if self.puzzle_emb is not None and self.puzzle_emb.local_weights.requires_grad:
+            emb = jd.EmbeddingRows(
+                self.puzzle_emb.local_weights,
+                self.puzzle_emb.local_ids,
+                keep=lambda: keep_micro_batch_gradients(state.optimizers),
+            )
 
         def contributions() -> Iterator[torch.Tensor]:
             for s in range(layout.S):
                 out: LossOutput = state.model(carry=state.carry, batch=batch, return_keys=())
                 state.carry = out.new_carry
                 last["out"] = out
+                if emb is not None:
+                    emb.seen.append(emb.ids.clone())
                 halt = out.halt_loss_per_sample if out.has_halting else None
                 c = jd.step_contributions(
                     layout, s, out.normalized_token_loss, halt, out.internal_token_loss
@@ -247,17 +259,17 @@ class JacobianDescent(StepStrategy):
                 yield c
 
         if layout.m == 1:
-            for c in contributions():  # gradient descent over stacked steps: one backward each
+            for s, c in enumerate(contributions()):  # gradient descent over stacked steps
                 (c.sum() / self.loss_divisor).backward()
+                if emb is not None and s < layout.S - 1:
+                    emb.keep()  # this step's rows, before the next forward reloads slots
             return Gradients(last["out"], {"jd/num_objectives": 1.0})
-        extra = []
-        if self.puzzle_emb is not None and self.puzzle_emb.local_weights.requires_grad:
-            extra.append(self.puzzle_emb.local_weights)
         result = self.descent.step(
             steps=contributions(),
             layout=layout,
             params=[p for p in state.raw_model.parameters() if p.requires_grad],
-            extra_params=extra,
+            extra_params=[],
+            embedding=emb,
             global_batch_size=self.loss_divisor,
             step_index=state.step,
             all_reduce=all_reduce_sum_,

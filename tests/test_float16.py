@@ -175,6 +175,18 @@ def test_a_float16_overflow_backs_off_until_the_gradients_fit(data: Path, tmp_pa
     assert optimizers and all(o["state"] == {} for o in optimizers.values())
 
 
+def test_an_overflow_at_the_smallest_scale_is_a_real_non_finite_gradient(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the scale floor (2**-24, float16's smallest step) the scale is no longer to blame:
+    a non-finite gradient stops the run under nonfinite=stop, as without scaling."""
+    _inf_gradient_at(monkeypatch, 2, sparse=False)
+    config = _config(data, tmp_path, "++loss_scaling=dynamic", f"++loss_scale_init={2.0**-24!r}",
+                     "max_steps=4")  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm at step 2"):
+        train(config)
+
+
 def test_the_scale_grows_after_the_interval_and_resumes(data: Path, tmp_path: Path) -> None:
     """growth_interval=2: the scale doubles after every 2 finite steps; 3 steps, stop, resume,
     2 more equals 5 steps straight (scale, good-step count and updates)."""

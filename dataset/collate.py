@@ -64,7 +64,9 @@ class BatchSource:
 
 
 FieldBuilder = Callable[[BatchSource], np.ndarray]
-BATCH_FIELDS: Registry[FieldBuilder] = Registry("batch field", modules=["dataset.demos"])
+BATCH_FIELDS: Registry[FieldBuilder] = Registry(
+    "batch field", modules=["dataset.demos", "dataset.hard_examples"]
+)
 
 
 @BATCH_FIELDS.register("inputs")

@@ -133,7 +133,9 @@ class Sampler(ABC):
         )
 
 
-SAMPLERS: Registry[type[Sampler]] = Registry("sampler", modules=["dataset.few_shot"])
+SAMPLERS: Registry[type[Sampler]] = Registry(
+    "sampler", modules=["dataset.few_shot", "dataset.hard_examples"]
+)
 
 
 def checked_max_groups(max_groups: object) -> int | None:
@@ -210,9 +212,7 @@ class UniformSampler(Sampler):
         group_order = np.concatenate(
             [rng.permutation(num_groups) for _ in range(self.epochs_per_iter)]
         )
-        groups = set_data.group_indices
-        # One bounded draw per visit in order: the same stream as upstream's per-group calls.
-        picks = rng.integers(groups[group_order], groups[group_order + 1]).astype(np.int64)
+        picks = self.variant_picks(set_index, rng, group_order)
         sizes = set_data.puzzle_indices[picks + 1] - set_data.puzzle_indices[picks]
         cum = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -223,6 +223,15 @@ class UniformSampler(Sampler):
         return _UniformPlan(
             set_data, self.seed + counter, gbs, picks, cum, np.asarray(bounds, dtype=np.int64)
         )
+
+    def variant_picks(
+        self, set_index: int, rng: np.random.Generator, group_order: np.ndarray
+    ) -> np.ndarray:
+        """The puzzle picked at each visit of ``group_order`` (int64 [V], puzzle indices of the
+        set), drawn from ``rng`` right after the group order; subclasses weight the pick."""
+        groups = self.sets[set_index].group_indices
+        # One bounded draw per visit in order: the same stream as upstream's per-group calls.
+        return rng.integers(groups[group_order], groups[group_order + 1]).astype(np.int64)
 
     def total_steps(self, epochs: int) -> int:
         """Upstream's schedule length, ``int(epochs * total_groups * mean_puzzle_examples / gbs)``.

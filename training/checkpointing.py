@@ -162,6 +162,8 @@ def save_train_state(
             shared[ckpt.TRAIN_FILE]["loss_scaler"] = components["loss_scaler"]
         if "ema" in components:
             shared[ckpt.EMA_FILE] = components["ema"]
+        if "hard_examples" in components:
+            shared[ckpt.TRAIN_FILE]["hard_examples"] = components["hard_examples"]
         meta["data"] = data_fingerprints(config)
         if state.provenance:
             meta["provenance"] = state.provenance
@@ -467,6 +469,8 @@ def resume_train_state(
         components["loss_scaler"] = train["loss_scaler"]
     if ckpt.EMA_FILE in shared:
         components["ema"] = shared[ckpt.EMA_FILE]
+    if "hard_examples" in train:
+        components["hard_examples"] = train["hard_examples"]
     state.load_state_dict(components, config, source=str(folder))
     data.load_state_dict(train["data"])
     if per_rank is not None and meta.get("world_size") == dist_info.world_size:

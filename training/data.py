@@ -51,6 +51,17 @@ def _demo_sampling(config: PretrainConfig, test_set_mode: bool) -> tuple[str, di
     return name, {**options, "target_policy": config.target_policy}
 
 
+def _hard_example_sampler(config: PretrainConfig) -> str:
+    """``sampling=hard_examples``'s training sampler; one line for a family that reads
+    demonstrations, whose few-shot samplers choose rows and demos otherwise."""
+    if reads_demos(config):
+        raise ConfigError(
+            f"sampling=hard_examples weights the uniform sampler's variant picks, but arch "
+            f"{config.arch.name} reads demonstrations (few-shot samplers); use sampling=uniform"
+        )
+    return "hard_examples"
+
+
 def check_demo_data(paths: list[str], split: str) -> None:
     """Data built with ``--split-policy trm`` trains on the evaluation tasks' demos and has no
     demos in its test split: refuse it for a model that reads demonstrations."""
@@ -78,6 +89,10 @@ def create_dataloader(
     if reads_demos(config):
         sampler, options = _demo_sampling(config, test_set_mode)
         check_demo_data(paths, split)
+    fields = list(family_of(config.arch).batch_fields)
+    if config.sampling == "hard_examples" and not test_set_mode:
+        # Each row's puzzle rides in the ACT carry with it, to be counted when it halts.
+        sampler, fields = _hard_example_sampler(config), [*fields, "puzzle_index"]
     dataset = PuzzleDataset(
         PuzzleDatasetConfig(
             seed=config.seed,
@@ -87,7 +102,7 @@ def create_dataloader(
             epochs_per_iter=1 if test_set_mode else config.epochs_per_iteration,
             rank=dist_info.rank,
             num_replicas=dist_info.world_size,
-            fields=list(family_of(config.arch).batch_fields),
+            fields=fields,
             sampler=sampler,
             sampler_options=options,
         ),

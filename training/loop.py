@@ -290,6 +290,13 @@ def _train(
         if not stop:
             state.iteration = iteration + 1
             state.batches_in_iteration = 0
+            if state.hard_examples is not None:
+                # The next iteration's plan (and this evaluation's checkpoint) get the weights
+                # of every rank's counts so far; a stopped iteration keeps its own.
+                with collective_phase(f"hard-example weights at step {state.step}"):
+                    stats = state.hard_examples.rebuild()
+                if dist_info.is_main:
+                    logger.log(stats, step=state.step)
         is_last = stop or iteration == config.iterations - 1
         evaluates = iteration >= (config.min_eval_interval or 0) or is_last
         if config.run_evaluator_only_at_end:

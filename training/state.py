@@ -32,12 +32,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from dataset.hard_examples import HardExampleSampler
 from dataset.puzzle_dataset import PuzzleDataset
 from models.ema import EMAHelper, unwrap_module
 from models.family import Capabilities, ModelFamily, family_of
 from models.recursive_reasoning.act import ACTCarry
 from models.recursive_reasoning.common import ModelDims
 from training.config import PretrainConfig, check_world_size
+from training.hard_examples import HardExampleCounts
 from training.loss_scaling import DynamicLossScaler, build_loss_scaler
 from training.optimizers import NamedOptimizer, apply_run_hyperparameters, build_optimizers
 from training.pretrained_decoder import (
@@ -116,6 +118,8 @@ class TrainState:
     slot_carries: list[ACTCarry | None] = field(default_factory=list)
     window: AccumulationWindow = field(default_factory=AccumulationWindow)
     ema: EMAHelper | None = None
+    # sampling=hard_examples: per-puzzle counts (totals shared, each rank's pending its own)
+    hard_examples: HardExampleCounts | None = None
     nonfinite_streak: int = 0  # nonfinite=skip: skipped steps in a row (restarts on resume)
     loss_scaler: DynamicLossScaler | None = None  # loss_scaling on (float16): the loss scale
     # Where the weights' tasks came from (saved in meta.json) and, for a strict-split
@@ -157,6 +161,8 @@ class TrainState:
             state["loss_scaler"] = self.loss_scaler.state_dict()
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
+        if self.hard_examples is not None:
+            state["hard_examples"] = self.hard_examples.state_dict()
         return state
 
     def load_state_dict(
@@ -179,6 +185,12 @@ class TrainState:
             if "ema" not in state:
                 raise ckpt.CheckpointMismatchError(f"{source}: has no EMA state but ema=True")
             self.ema.load_state_dict(state["ema"])
+        if self.hard_examples is not None:
+            if "hard_examples" not in state:
+                raise ckpt.CheckpointMismatchError(
+                    f"{source}: has no hard-example counts but sampling=hard_examples"
+                )
+            self.hard_examples.load_state_dict(state["hard_examples"], source)
         progress = state["progress"]
         self.step = progress["step"]
         self.iteration = progress["iteration"]
@@ -199,6 +211,8 @@ class TrainState:
         if self.slot_carries:
             state["slot_carries"] = [c.state_dict() if c is not None else None
                                      for c in self.slot_carries]  # fmt: skip
+        if self.hard_examples is not None:
+            state["hard_examples"] = self.hard_examples.rank_state_dict()
         return state
 
     def load_rank_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
@@ -210,6 +224,8 @@ class TrainState:
                 carry_to(ACTCarry.from_state_dict(c), device) if c is not None else None
                 for c in slots
             ]
+        if self.hard_examples is not None and "hard_examples" in state:
+            self.hard_examples.load_rank_state_dict(state["hard_examples"])
         set_rng_state(state["rng"], device)
 
 
@@ -360,6 +376,9 @@ def create_train_state(
     if want_compile(config, dist_info.device) and strategy.compiles:
         model = torch.compile(head)
     k = config.accumulation_steps
+    counts = None
+    if isinstance(data.sampler, HardExampleSampler):
+        counts = HardExampleCounts(data.sampler, dist_info.device)
     return TrainState(
         model=model,
         family=family,
@@ -372,6 +391,7 @@ def create_train_state(
         slot_carries=[None] * k if k > 1 else [],
         loss_scaler=build_loss_scaler(config, strategy.name, family.puzzle_embedding(head)),
         ema=ema,
+        hard_examples=counts,
         provenance=provenance,
         contamination=contamination,
     )

@@ -351,6 +351,26 @@ def test_resume_between_and_within_iterations_equals_the_straight_run(
         assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
 
 
+def test_every_micro_batch_of_an_accumulation_window_is_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grad_accum_steps=2 (the fork summed the flags of the micro-batches but concatenated
+    their identifiers, and crashed): with one supervision step every row of every micro-batch
+    halts, so seen adds up to all their rows and correct to the logged exact matches."""
+    root = _data(tmp_path / "data")
+    config = _config(root, tmp_path / "run", "+grad_accum_steps=2", "arch.halt_max_steps=1")
+    batches = _train(config, monkeypatch)
+    assert len(batches) == 16  # 8 optimizer steps of 2 micro-batches
+    final = torch.load(tmp_path / f"run/step_8/{ckpt.TRAIN_FILE}", weights_only=True)
+    totals = final["hard_examples"]
+    assert torch.equal(
+        totals["seen"], torch.bincount(torch.tensor(batches).flatten(), minlength=32)
+    )
+    lines = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    exact = sum(m["train/exact_accuracy"] * 16 for m in lines if "train/exact_accuracy" in m)
+    assert totals["correct"].sum().item() == pytest.approx(exact)
+
+
 def test_demonstration_families_are_refused(tmp_path: Path) -> None:
     data = _data(tmp_path / "data")
     config = _config(data, tmp_path / "run", "arch=etrm", "arch.puzzle_emb_ndim=0")

@@ -27,6 +27,8 @@ groups are a prefix of its puzzles and of its example rows.
 
 ``dataset.few_shot`` registers the samplers that also choose each row's demonstrations
 (``few_shot``, ``few_shot_eval``); the registry imports it on the first lookup.
+``dataset.hard_examples`` registers ``hard_examples``: ``uniform`` with each visit's variant
+drawn by per-puzzle weights once they are set (``UniformSampler.variant_picks``).
 
 A new sampler subclasses ``Sampler`` and registers itself with ``@SAMPLERS.register("name")``.
 """

@@ -25,6 +25,11 @@ every evaluation and every checkpoint falls between optimizer steps. A checkpoin
 never taken inside a window: ``checkpoint_every_steps``, ``max_steps`` and a stop signal act
 at the next window's end, and resuming continues bit-identically.
 
+With ``sampling=hard_examples`` each completed iteration ends, before its evaluation, with
+``training.hard_examples`` rebuilding the sampling weights from every rank's counts; the next
+iteration's plan draws from them (an iteration cut short by ``max_steps`` rebuilds when a
+resumed run completes it).
+
 SIGTERM or SIGINT (``training.preemption``) ends the run after the current step or evaluation,
 on every rank at the same step, with a checkpoint that ``resume=auto`` continues from
 bit-identically; ``InterruptedRunError`` says where it is.

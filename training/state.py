@@ -9,6 +9,9 @@ Components and where they are saved (``utils.checkpoint`` writes the files):
   with ``loss_scaling`` on, the loss scale (``training.loss_scaling``);
 * ``rank_N.pt``: each process's ACT carry (with gradient accumulation, one per micro-batch
   slot) and RNG states;
+* with ``sampling=hard_examples`` (``training.hard_examples``), the run's per-puzzle counts and
+  the weights in force in ``train_state.pt``, each rank's counts since the last rebuild in its
+  ``rank_N.pt``;
 * ``meta.json`` (``training.checkpointing``) also records the provenance of the weights
   (``training.pretrained_decoder``): the tasks of the training data, the decoder's and the
   initial weights' own records.

@@ -10,7 +10,8 @@ parameters are its own short names (``data``, ``H_cycles``, ``L_cycles``, ``halt
 ``arch.*``; ``lr`` → ``lr``), also accepts any dotted config key (``arch.hidden_size``,
 ``lr_warmup_steps``, ...) and validates the merged config again, so a bad sampled value fails
 as it would on the command line. The W&B logger then logs into that run
-(``utils.logging.build_logger(wandb_run=...)``) rather than starting a second one.
+(``utils.logging.build_logger(wandb_run=...)``) rather than starting a second one. Unlike
+other runs, a trial's W&B run starts before the data checks: its values say which data to check.
 
 This project's own ``sweep.py`` W&B backend (``sweeps.wandb_backend``) does not need
 ``in_sweep``: its agents pass the sampled values to ``pretrain.py`` as Hydra overrides, and

@@ -9,7 +9,10 @@ each piece is chosen on its own:
 * **Objectives.** A declarative ``ObjectiveSpec`` says which axes of the unreduced losses stay
   separate objectives — supervision step (s), H-cycle (c), sample (b), pixel (p) — where the
   halting loss goes (``in``: added to the objectives of its sample, spread evenly over the other
-  kept axes; ``out``: one objective per sample; ``separate``: one extra objective; ``drop``),
+  kept axes; ``spread``: the batch's summed halting loss spread evenly over every token
+  objective of its step, the fork's ``iwrm_pixelwise_q_halt_in``, whose objectives then belong
+  to no one sample; ``out``: one objective per sample; ``separate``: one extra objective;
+  ``drop``),
   and an optional random grouping into k objectives (the same partition on every rank). Every
   objective is a sum over samples, so objectives are held as per-sample contributions
   ``[B, m]``; their column sums are the objectives and their total is the gradient-descent loss.
@@ -24,15 +27,31 @@ each piece is chosen on its own:
   backward plus one weighted backward, for models whose parameters the per-sample layers do not
   own). ``gramian: heads`` is partial Jacobian descent: the rows of the output heads' parameters
   only (a backward that stops at the heads), then one weighted backward through the model.
+  ``rows`` and ``per_sample`` hold the dense Jacobian m × n, so past ``max_objectives``
+  (default 512) they refuse with its size in memory and the fix (``groups=k``, or a higher
+  limit on a big device).
+* **The puzzle embedding.** Its batch rows (``local_weights`` [B, D]) get each objective's
+  gradient too. By default they stay out of the Gramian and follow the weights the weights'
+  Gramian gave; ``include_puzzle_embedding`` (the fork, whose autojac differentiated every
+  leaf) adds their columns to it. A stacked step's rows are kept apart from the other steps'
+  (``EmbeddingRows``): an ACT slot that halts mid-stack reloads another puzzle, and each
+  puzzle gets the gradient of the steps that looked it up (the fork summed every step into the
+  last ids).
 * **Weightings.** Every TorchJD weighting maps the Gramian G = J Jᵀ to weights w; aggregators that
   need the Jacobian itself (ConFIG, GradDrop, TrimmedMean, NashMTL) use a provider that
-  materialises J (``rows``, ``per_sample``). The update is ``m · Jᵀ w / global_batch`` so that
-  Mean weighting gives exactly the gradient-descent gradient (UPGrad without conflicts then
-  equals it too).
+  materialises J (``rows``, ``per_sample``). The update is ``m · Jᵀ w / D`` (D: the examples of
+  the optimizer step, global batch × micro-batches) so that Mean weighting gives exactly the
+  gradient-descent gradient (UPGrad without conflicts then equals it too).
+* **Ranks.** Per-sample objectives are each rank's own: aggregated locally, the updates summed
+  by the ordinary gradient reduction. Objectives every rank shares (no sample axis) are by
+  default aggregated on the global Jacobian (J summed over ranks, the same update everywhere);
+  ``ranks: local`` is the fork's per-rank aggregation of them.
 
-The objectives are never pre-scaled by 1/batch before the Gramian (the fork did, which pushed
-trace(G) under TorchJD's normalisation threshold, silently turning UPGrad into the mean); the
-degeneracy is detected and logged as ``jd/degenerate``.
+By default the objectives are not pre-scaled by 1/D before the Gramian. The fork did
+(``scale: global_batch`` reproduces it: the weighting sees G/D² and the update is its
+(J/D)ᵀw), which pushes trace(G) under TorchJD's normalisation threshold and silently turns
+UPGrad into the mean. ``jd/degenerate`` logs that the weighting this run used fell back,
+``jd/fork_would_fall_back`` (every run) that the fork's would have (``fork_would_fall_back``).
 
 Kept as one module past 400 lines on purpose: the four Gramian providers (rows, heads,
 per_sample, autogram) share ``Layout``, ``JacobianRows`` and the weighting, and read best side by

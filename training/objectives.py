@@ -28,7 +28,9 @@ class ObjectiveSpec(StrictModel):
     the gradients of every weight (Jacobian descent); ``heads`` from those of the output heads
     ``lm_head``/``q_head`` only (partial Jacobian descent: the weights resolve conflicts seen in
     the heads, each objective costs a backward through the heads alone, and the update is one
-    full weighted backward).
+    full weighted backward). ``scale``, ``ranks`` and ``include_puzzle_embedding`` choose between
+    this project's Jacobian descent (the defaults) and the research fork's (``training.jd``);
+    ``max_objectives`` bounds the objectives whose dense Jacobian is held.
     """
 
     name: str = Field(

@@ -4,7 +4,9 @@ The sweep dict carries the trial's whole command line (``command``): the agent s
 ``pretrain.py`` (under torchrun for several processes) with the base overrides and the sampled
 values as Hydra overrides (``${args_no_hyphens}``), and the trial's rank 0 joins the agent's run
 through the environment the agent sets, so the metric it logs is the one the sweep optimises and
-hyperband stops. Needs a W&B account; nothing here prompts.
+hyperband stops. The sampled values arrive as overrides, so these trials do not need
+``+in_sweep`` (``sweeps.in_sweep``, for the fork's sweep files). Needs a W&B account; nothing
+here prompts.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ its traceback.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,20 +36,17 @@ from training.loop import default_evaluators, run_training
 from training.preemption import InterruptedRunError
 from utils.config import lenient_overrides
 from utils.distributed import (
-    CollectiveError,
     DistInfo,
-    MainRankError,
     cleanup,
     collective_phase,
     configure_timeouts,
     decide_on_main,
     env_rank,
     env_world_size,
-    exit_now,
     init_distributed,
 )
+from utils.exit_codes import user_errors_exit
 from utils.logging import StepProgress, build_logger, default_project_name, default_run_name
-from utils.schema import ConfigError, UserError
 
 # A rank other than 0 that finds a configuration error waits this long before exiting, so
 # that torchrun, which stops every process at the first exit, lets rank 0 print the error.
@@ -113,31 +109,20 @@ def launch(config: PretrainConfig, dist_info: DistInfo) -> None:
 def run_from_hydra(cfg: DictConfig) -> None:
     """The whole command once Hydra has composed ``cfg``: validate, start the processes, train,
     and turn failures into the exit codes above (shared by ``pretrain_encoder.py``)."""
-    try:
-        config = load_pretrain_config(cfg)
-        check_world_size(config, env_world_size())
-        dist_info = init_distributed(config.device, timeout_s=config.dist_timeout_slow_s)
-        configure_timeouts(config.dist_timeout_s, config.dist_timeout_slow_s)
+    with user_errors_exit(SILENT_RANK_GRACE_S):
         try:
-            launch(config, dist_info)
-        finally:
-            cleanup()
-    except CollectiveError as e:
-        print(f"error: {e}", file=sys.stderr)
-        exit_now(3)
-    except InterruptedRunError as e:  # a signal: every rank stopped after the same step
-        if env_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except (ConfigError, MainRankError) as e:  # the same on every rank: rank 0 reports it
-        if env_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        elif env_world_size() > 1:
-            time.sleep(SILENT_RANK_GRACE_S)
-        sys.exit(2)
-    except (UserError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            config = load_pretrain_config(cfg)
+            check_world_size(config, env_world_size())
+            dist_info = init_distributed(config.device, timeout_s=config.dist_timeout_slow_s)
+            configure_timeouts(config.dist_timeout_s, config.dist_timeout_slow_s)
+            try:
+                launch(config, dist_info)
+            finally:
+                cleanup()
+        except InterruptedRunError as e:  # a signal: every rank stopped after the same step
+            if env_rank() == 0:
+                print(f"error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
 
 
 def start(main: Callable[[], None]) -> None:

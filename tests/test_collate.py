@@ -31,7 +31,7 @@ def dataset(path: Path, test: bool = False, **changes: object) -> PuzzleDataset:
 def test_default_fields_are_upstreams() -> None:
     assert DEFAULT_FIELDS == ("inputs", "labels", "puzzle_identifiers")
     demo_fields = ["demo_inputs", "demo_labels", "demo_mask", "group_ids"]
-    assert BATCH_FIELDS.names() == sorted([*DEFAULT_FIELDS, *demo_fields])
+    assert BATCH_FIELDS.names() == sorted([*DEFAULT_FIELDS, *demo_fields, "puzzle_index"])
 
 
 @pytest.mark.parametrize("test", [False, True])

@@ -34,14 +34,20 @@ def config(path: Path, **changes: object) -> PuzzleDatasetConfig:
 
 
 def test_registry_names_and_unknown_sampler_is_one_line(tmp_path: Path) -> None:
-    assert SAMPLERS.names() == ["few_shot", "few_shot_eval", "sequential", "uniform"]
+    assert SAMPLERS.names() == [
+        "few_shot",
+        "few_shot_eval",
+        "hard_examples",
+        "sequential",
+        "uniform",
+    ]
     # Refused before any file is read: the path does not exist.
     with pytest.raises(ValueError) as info:
         PuzzleDataset(config(tmp_path / "missing", sampler="fewshots"))
     message = str(info.value)
     assert "\n" not in message
     assert "unknown sampler 'fewshots'" in message
-    assert "few_shot, few_shot_eval, sequential, uniform" in message
+    assert "few_shot, few_shot_eval, hard_examples, sequential, uniform" in message
 
 
 def test_uniform_total_steps_is_upstreams_formula(tmp_path: Path) -> None:

@@ -48,6 +48,18 @@ times, and ``pixelwise{k}_ours_row_vs_gd_backward`` what each pixel-group row co
 backward.
 The last line printed is one JSON object.
 
+``--weighting-only`` times UPGrad's weighting where it dominates:
+``stack_supervisions_and_iwrm`` with S = ``--stack-steps`` and B = ``--batch-size`` (S·B
+objectives; 512 at S = 16, B = 32). One stacked step's Gramian comes from the per-sample
+provider (``gramian_s``), then the weighting of that Gramian and of a conflicting one of the
+same size (random per-sample gradients ``g_i = μ + ε_i`` with small ‖μ‖, so that most pairs
+conflict) is timed with each projector TorchJD's UPGrad can use: ``quadprog`` (TorchJD 0.18's
+only one, ``QuadprogProjector``: one QP per objective) and ``screened`` (``training.jd
+.ScreenedProjector``, the default: the same QPs, skipping those whose solution is known),
+and ``backward_s`` (Jᵀw). The quadprog weighting is skipped above ``--quadprog-max-objectives``
+(it grows about as m⁴). JSON: the times, ``quadprog_vs_screened`` per Gramian, the largest
+weight difference and the conflicting objectives.
+
 One benchmark, one module: every configuration it times is here (past 400 lines) so that one
 run measures them all against the same gradient-descent baseline.
 """
@@ -63,7 +75,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -515,6 +527,63 @@ def summarize(
     return result
 
 
+def time_weighting(G: Tensor, projector: str) -> tuple[float, Tensor]:
+    """Seconds of one UPGrad weighting of G with the named projector, and the weights."""
+    from training import jd
+    from training.objectives import AggregatorConfig
+
+    config = AggregatorConfig(name="upgrad", options={"projector": projector})
+    weighting = jd.build_aggregator(config, G.shape[0])
+    start = time.perf_counter()
+    w = weighting(G.to(torch.float32))
+    return time.perf_counter() - start, w
+
+
+def run_weighting(args: argparse.Namespace) -> dict[str, Any]:
+    """``--weighting-only``: the Gramian, weighting and Jᵀw of stacked IWRM (docstring)."""
+    from training import jd
+    from training.objectives import mode_spec
+
+    bench, _ = build_bench(args)
+    S, B = args.stack_steps, bench.B
+    spec = mode_spec("stack_supervisions_and_iwrm")
+    layout = jd.Layout(spec=spec, S=S, C=1, B=B, P=bench.P, has_halt=bench.has_halt)
+    problem = jd.too_many_objectives(spec, layout.m, 1)
+    if problem is not None:  # a benchmark of the weighting: the limit is lifted for it
+        spec = spec.model_copy(update={"max_objectives": layout.m})
+        layout = replace(layout, spec=spec)
+    start = time.perf_counter()
+    gram = jd._per_sample(bench.contributions(layout), layout, bench.params, bench.extra, None)
+    sync(bench.device)
+    gramian_s = time.perf_counter() - start
+    m = layout.m
+    g = torch.Generator().manual_seed(0)
+    n = 4096
+    grads = 0.05 * torch.randn(1, n, generator=g) + torch.randn(m, n, generator=g)
+    gramians = {"model": gram.G.detach().cpu().double(), "conflicting": grads @ grads.T}
+    out: dict[str, Any] = {"mode": spec.name, "m": m, "stack_steps": S, "batch_size": B,
+                           "gramian_s": round(gramian_s, 4), "weighting": {}}  # fmt: skip
+    for name, G in gramians.items():
+        screened_s, w = time_weighting(G, "screened")
+        row: dict[str, Any] = {
+            "conflicting_objectives": int((G < 0).any(0).sum()),
+            "screened_s": round(screened_s, 4),
+        }
+        if m <= args.quadprog_max_objectives:
+            quadprog_s, w_quadprog = time_weighting(G, "quadprog")
+            row["quadprog_s"] = round(quadprog_s, 4)
+            row["quadprog_vs_screened"] = ratio(quadprog_s, screened_s)
+            row["max_weight_difference"] = float((w - w_quadprog).abs().max())
+        out["weighting"][name] = row
+        print(f"{name:12s} m={m}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    w = time_weighting(gramians["model"], "screened")[1].to(bench.device)
+    start = time.perf_counter()
+    gram.apply((m / B) * w, None)
+    sync(bench.device)
+    out["backward_s"] = round(time.perf_counter() - start, 4)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -536,10 +605,22 @@ def main() -> None:
     p.add_argument("--skip-fork", action="store_true")
     p.add_argument("--configs", default=None, help="comma-separated subset (see the docstring)")
     p.add_argument("--single", default=None, help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--weighting-only", action="store_true", help="time UPGrad's weighting")
+    p.add_argument(
+        "--quadprog-max-objectives",
+        type=int,
+        default=256,
+        help="with --weighting-only: time TorchJD's quadprog projector up to this m",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. arch.hidden_size=128")
     args = p.parse_args()
     if args.single is not None:
         run_single(args)
+        return
+    if args.weighting_only:
+        result = run_weighting(args)
+        result["device"] = str(select_device(args.device))
+        print(json.dumps(result))
         return
 
     names = config_names(args.stack_steps, args.groups)

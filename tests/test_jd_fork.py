@@ -504,3 +504,66 @@ def test_local_aggregation_over_two_ranks_sums_each_ranks_own(tmp_path: Path) ->
     torch.testing.assert_close(local[0], alone[0][:n_dense] + alone[1][:n_dense],
                                rtol=1e-4, atol=1e-8)  # fmt: skip
     assert not torch.allclose(local[0], global_[0], rtol=1e-3, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------
+# UPGrad's weighting: the QPs whose solution is known are skipped
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["upgrad", "dualproj"])
+def test_screened_projector_gives_torchjds_weights(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default projector returns TorchJD's own quadprog weights; without conflicts it
+    solves no QP at all (v = u satisfies the KKT conditions)."""
+    import qpsolvers
+    from torchjd.aggregation import DualProjWeighting, UPGradWeighting
+
+    reference = {"upgrad": UPGradWeighting, "dualproj": DualProjWeighting}[name]()
+    g = torch.Generator().manual_seed(0)
+    conflicting = torch.randn(12, 30, generator=g, dtype=torch.float64)
+    agreeing = conflicting.abs()  # every pairwise inner product positive
+    ours = jd.build_aggregator(AggregatorConfig(name=name), 12)
+    for J in (conflicting, agreeing):
+        G = J @ J.T
+        torch.testing.assert_close(ours(G), reference(G), rtol=1e-6, atol=1e-9)
+
+    def no_solver(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a QP was solved")
+
+    monkeypatch.setattr(qpsolvers, "solve_qp", no_solver)
+    G = agreeing @ agreeing.T
+    assert torch.isfinite(ours(G)).all()  # no QP needed
+    # One dominant gradient: the mean (DualProj's start) conflicts with the others too.
+    dominated = conflicting * torch.tensor([50.0] + [1.0] * 11, dtype=torch.float64)[:, None]
+    with pytest.raises(AssertionError, match="a QP was solved"):
+        ours(dominated @ dominated.T)
+
+
+def test_projector_option_names_torchjds_or_refuses() -> None:
+    config = AggregatorConfig(name="upgrad", options={"projector": "quadprog"})
+    assert type(jd.build_aggregator(config, 3).projector).__name__ == "QuadprogProjector"
+    fast = AggregatorConfig(name="upgrad", options={"projector": "fast"})
+    with pytest.raises(ValueError, match=r"projector: 'fast'; choose screened or quadprog"):
+        jd.build_aggregator(fast, 3)
+
+
+def test_weighting_benchmark_reports_each_projector(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+    import sys
+
+    from benchmarks import jd_overhead
+
+    argv = ["jd_overhead", "--weighting-only", "--device", "cpu", "--batch-size", "2",
+            "--stack-steps", "3", "arch.hidden_size=16", "arch.H_cycles=1",
+            "arch.L_cycles=1"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    jd_overhead.main()
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["m"] == 6 and out["mode"] == "stack_supervisions_and_iwrm"
+    for row in out["weighting"].values():
+        assert row["max_weight_difference"] < 1e-6
+        assert row["quadprog_vs_screened"] > 0 and row["screened_s"] >= 0
+    assert out["weighting"]["conflicting"]["conflicting_objectives"] > 0
+    assert out["gramian_s"] > 0 and out["backward_s"] >= 0

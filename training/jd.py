@@ -229,6 +229,8 @@ def build_aggregator(config: AggregatorConfig, m: int) -> Any:
         options["weights"] = torch.as_tensor(options["weights"], dtype=torch.float32)
     if config.name == "nash_mtl":
         options.setdefault("n_tasks", m)
+    if config.name in ("upgrad", "dualproj"):
+        options["projector"] = dual_cone_projector(options.get("projector", "screened"))
     cls = getattr(aggregation, AGGREGATOR_CLASSES[config.name][0])
     try:
         return cls(**options)
@@ -239,6 +241,60 @@ def build_aggregator(config: AggregatorConfig, m: int) -> Any:
         ) from None
     except TypeError as e:
         raise ConfigError(f"aggregator '{config.name}': bad options {options} ({e})") from None
+
+
+def dual_cone_projector(name: Any) -> Any:
+    """UPGrad's and DualProj's projector by name: ``screened`` (``ScreenedProjector``, the
+    default) or ``quadprog`` (TorchJD's ``QuadprogProjector``: every QP solved)."""
+    from torchjd.linalg import QuadprogProjector
+
+    if not isinstance(name, str):
+        return name
+    if name == "screened":
+        return ScreenedProjector()
+    if name == "quadprog":
+        return QuadprogProjector()
+    raise ConfigError(f"aggregator options.projector: '{name}'; choose screened or quadprog")
+
+
+class ScreenedProjector:
+    """TorchJD's quadprog dual-cone projection (``torchjd.linalg.QuadprogProjector``, same
+    ``norm_eps``/``reg_eps`` and solver), skipping the QPs whose solution is their start.
+
+    For each preference row u of ``U`` [k, m] the projection's weights solve
+    min_v vᵀG̃v s.t. v ≥ u, with G̃ = G/trace(G) + reg_eps·I (G̃ = reg_eps·I when
+    trace(G) < norm_eps). Its KKT conditions, 2G̃v = λ ≥ 0 with λ ⊙ (v − u) = 0, hold at v = u
+    exactly when G̃u ≥ 0, so those rows need no solver: for UPGrad's u = eᵢ/m that is every
+    objective whose gradient conflicts with no other (column i of G non-negative). The others
+    go to quadprog, one QP each as in TorchJD. Without conflicts a 512-objective weighting then
+    costs one matrix product instead of 512 QPs (``benchmarks.jd_overhead --weighting-only``).
+    Returns W [k, m] on G's device and dtype.
+    """
+
+    def __init__(self, *, norm_eps: float = NORM_EPS, reg_eps: float = 1e-4) -> None:
+        self.norm_eps = norm_eps
+        self.reg_eps = reg_eps
+
+    def __call__(self, U: Tensor, G: Tensor) -> Tensor:
+        import numpy as np
+        from qpsolvers import solve_qp
+
+        trace = G.diagonal().sum()
+        normed = torch.zeros_like(G) if float(trace) < self.norm_eps else G / trace
+        m = G.shape[0]
+        G_np = (normed + self.reg_eps * torch.eye(m, dtype=G.dtype, device=G.device)).detach()
+        G_np = G_np.cpu().numpy().astype(np.float64)
+        U_np = U.detach().cpu().numpy().astype(np.float64).reshape(-1, m)
+        W = U_np.copy()
+        for r in np.nonzero((U_np @ G_np < 0).any(axis=1))[0]:
+            w = solve_qp(G_np, np.zeros(m), -np.eye(m), -U_np[r], solver="quadprog")
+            if w is None:
+                raise ValueError("Failed to solve the quadratic programming problem.")
+            W[r] = w
+        return torch.as_tensor(W.reshape(U.shape), device=G.device, dtype=G.dtype)
+
+    def __repr__(self) -> str:
+        return f"ScreenedProjector(norm_eps={self.norm_eps}, reg_eps={self.reg_eps})"
 
 
 # ----------------------------------------------------------------------------------------------

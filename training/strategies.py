@@ -184,11 +184,15 @@ class JacobianDescent(StepStrategy):
 
     With gradient accumulation each micro-batch is aggregated on its own, as the research fork
     does: its objectives' Jacobian goes through the aggregator and the aggregated vector
-    (scaled by ``m / loss_divisor``) is added to ``.grad``, so the update is the sum of the
-    micro-batches' aggregations, not one aggregation of the whole effective batch's
+    (scaled by ``m / loss_divisor``; with ``objective.scale=global_batch`` the fork's Jᵀw of
+    the rows divided by ``loss_divisor``) is added to ``.grad``, so the update is the sum of
+    the micro-batches' aggregations, not one aggregation of the whole effective batch's
     objectives. Objectives every rank shares sum their Jacobian over ranks per micro-batch
-    (the aggregation needs the global one); per-sample objectives are reduced once, at the
-    window's end.
+    (the aggregation needs the global one; ``objective.ranks=local``: each rank's own, as the
+    fork); per-sample objectives are reduced once, at the window's end. Each stacked step's
+    puzzle-embedding rows are handed to the sparse optimizer with the ids that step looked up
+    (``jd.EmbeddingRows``), as micro-batches are: a slot that halts mid-stack has reloaded
+    another puzzle.
     """
 
     name: ClassVar[str] = "jacobian_descent"

@@ -498,6 +498,8 @@ def fork_would_fall_back(G: Tensor, divisor: float) -> bool:
     by its trace unless trace < norm_eps, strictly; then the normalised Gramian is 0, the
     regularised QP is min vᵀ(reg_eps·I)v subject to v ≥ u, whose solution is u itself, and
     the weights are the preference vector (1/m each): the mean. So: trace(G)/D² < 1e-4.
+    G is the Gramian this run aggregates: for objectives every rank shares under
+    ``ranks: global`` the global one, where the fork saw each rank's own (``ranks: local``).
     """
     return float(G.double().trace()) / float(divisor) ** 2 < NORM_EPS
 

@@ -567,3 +567,63 @@ def test_weighting_benchmark_reports_each_projector(
         assert row["quadprog_vs_screened"] > 0 and row["screened_s"] >= 0
     assert out["weighting"]["conflicting"]["conflicting_objectives"] > 0
     assert out["gramian_s"] > 0 and out["backward_s"] >= 0
+
+
+class ForcedHalting(torch.nn.Module):
+    """A loss head whose halting flags are set by hand before each call (a schedule)."""
+
+    def __init__(self, head: torch.nn.Module, schedule: list[list[bool]]) -> None:
+        super().__init__()
+        self.head = head
+        self.schedule = schedule
+        self.calls = 0
+
+    def forward(self, *, carry: object, batch: dict, return_keys: tuple = ()) -> object:
+        carry = replace(carry, halted=torch.tensor(self.schedule[self.calls]))
+        self.calls += 1
+        return self.head(carry=carry, batch=batch, return_keys=return_keys)
+
+
+@pytest.mark.parametrize("mode", ["stack_supervisions", "stack_supervisions_and_sum"])
+def test_the_strategy_gives_each_stacked_step_its_puzzles(mode: str) -> None:
+    """training.strategies.JacobianDescent, Jacobian (m = 2) and summed (m = 1) paths: the
+    slot reloaded mid-stack trains its first puzzle with step 0's row and the batch's puzzle
+    with step 1's, as the by-hand rows of ``stacked_rows``."""
+    from models.family import family_of
+    from models.registry import build_loss_head
+    from training.config import load_pretrain_config
+    from training.optimizers import NamedOptimizer
+    from training.state import TrainState
+    from training.strategies import build_strategy
+    from utils.config import compose
+
+    halted = [[False, True, True, True], [True, False, False, False]]
+    seen, grads, _ = stacked_rows(tiny_head(halt_exploration_prob="0"), halted, record=True)
+    over = ["+experiment=tiny_cpu", "arch.hidden_size=16", "arch.halt_max_steps=2",
+            "arch.halt_exploration_prob=0", f"objective={mode}", "aggregator=mean",
+            "objective.carry_perturbation_rate=0",
+            f"global_batch_size={DIMS.batch_size}"]  # fmt: skip
+    config = load_pretrain_config(compose(overrides=over))
+    torch.manual_seed(0)
+    head = build_loss_head(config.arch, DIMS).train()
+    family = family_of(config.arch)
+    capabilities = family.capabilities(config.arch, head)
+    table = head.model.inner.puzzle_emb
+    optimizer = CastedSparseEmbeddingSignSGD_Distributed(table.buffers(), world_size=1, lr=1.0,
+                                                         weight_decay=0.0)  # fmt: skip
+    batch = tiny_batch()
+    previous = {**batch, "puzzle_identifiers": torch.full_like(batch["puzzle_identifiers"], 4)}
+    batch["puzzle_identifiers"] = torch.tensor([1, 2, 3, 1], dtype=torch.int32)
+    with torch.no_grad():
+        carry = head(carry=head.initial_carry(previous), batch=previous).new_carry
+    state = TrainState(model=ForcedHalting(head, halted), family=family,
+                       capabilities=capabilities,
+                       optimizers={"puzzle_emb": NamedOptimizer("sign_sgd", optimizer, 1.0)},
+                       carry=carry)  # fmt: skip
+    strategy = build_strategy(config, head, family, capabilities)
+    strategy.compute_gradients(state, batch, guard=lambda t: None)
+    optimizer.step()
+    expected = torch.zeros_like(table.weights)
+    sign_sgd_by_hand(expected, list(zip(seen, grads, strict=True)))
+    torch.testing.assert_close(table.weights, expected)
+    assert expected[4].abs().sum() > 0

@@ -627,3 +627,22 @@ def test_the_strategy_gives_each_stacked_step_its_puzzles(mode: str) -> None:
     sign_sgd_by_hand(expected, list(zip(seen, grads, strict=True)))
     torch.testing.assert_close(table.weights, expected)
     assert expected[4].abs().sum() > 0
+
+
+def test_the_options_are_command_line_keys_checked_in_one_line() -> None:
+    from training.config import load_pretrain_config
+    from utils.config import compose
+    from utils.schema import ConfigError
+
+    over = ["objective=iwrm_with_q_halt_in", "objective.scale=global_batch",
+            "objective.ranks=local", "objective.include_puzzle_embedding=true",
+            "objective.max_objectives=1024", "+aggregator.options.projector=quadprog"]  # fmt: skip
+    config = load_pretrain_config(compose(overrides=over))
+    spec = config.objective
+    assert (spec.scale, spec.ranks, spec.include_puzzle_embedding, spec.max_objectives) == (
+        "global_batch", "local", True, 1024)  # fmt: skip
+    assert config.aggregator.options == {"projector": "quadprog"}
+    with pytest.raises(ConfigError, match=r"objective\.scale") as e:
+        load_pretrain_config(compose(overrides=["objective=iwrm_with_q_halt_in",
+                                                "objective.scale=batch"]))  # fmt: skip
+    assert "\n" not in str(e.value).strip()

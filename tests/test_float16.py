@@ -5,10 +5,13 @@ refused where it would change the update."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from models import losses
 from models.arch_config import ARCH_CONFIGS
@@ -17,10 +20,12 @@ from tests.conftest import reads_demos
 from tests.test_training import make_config, metric_lines, train
 from training import step
 from training.config import PretrainConfig
-from training.loop import NonFiniteLossError
+from training.loop import NonFiniteLossError, run_training
 from training.loss_scaling import DynamicLossScaler
 from utils import checkpoint as ckpt
 from utils.config import ConfigError
+from utils.distributed import init_distributed
+from utils.logging import build_logger
 
 # The tiny hand-written data (4-token rows): a float16 step costs milliseconds on a CPU.
 SMALL = ["evaluators=[]", "arch.hidden_size=16", "arch.num_heads=2"]
@@ -207,6 +212,59 @@ def test_the_scale_grows_after_the_interval_and_resumes(data: Path, tmp_path: Pa
         _weights_and_moments(tmp_path / "b/step_5"),
     )
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _one_rank_overflows(rank: int, port: int, data: str, run_dir: str) -> None:
+    """A gloo rank of a 2-process run in which rank 1 alone gets an inf puzzle-embedding row
+    at step 2; saves this rank's weights and scaler state at the end."""
+    import training.loop
+    import training.state
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    monkeypatch = pytest.MonkeyPatch()
+    states = []
+    real_create = training.state.create_train_state
+
+    def create(*args: object) -> object:
+        states.append(real_create(*args))
+        return states[-1]
+
+    monkeypatch.setattr(training.loop, "create_train_state", create)
+    _inf_gradient_at(monkeypatch, 2 if rank == 1 else 0, sparse=True)
+    dist_info = init_distributed("cpu")
+    try:
+        config = _config(Path(data), Path(run_dir), "max_steps=3", "++loss_scaling=dynamic",
+                         "arch.halt_exploration_prob=0")  # fmt: skip
+        logger = build_logger("none", project="p", run_name="r", config={},
+                              run_dir=config.checkpoint_path, is_main=rank == 0)  # fmt: skip
+        run_training(config, dist_info, logger=logger, evaluators_factory=lambda data: [])
+        state = states[-1]
+        saved = {"model": state.raw_model.state_dict(), "scaler": state.loss_scaler.state_dict()}
+        torch.save(saved, Path(run_dir) / f"rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow  # about 20 s on 2 busy cores
+@pytest.mark.timeout(180)
+def test_an_overflow_on_one_rank_skips_on_every_rank(data: Path, tmp_path: Path) -> None:
+    """Rank 1's sparse rows overflow at step 2, rank 0's do not: the flag rides on the step's
+    all-reduce, so both ranks skip step 2 and halve the scale, and end with the same weights
+    (a rank that updated alone would leave them apart, or hang the collectives)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_one_rank_overflows, args=(port, str(data), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["scaler"] == ranks[1]["scaler"] == {"scale": 2.0**15, "good_steps": 1}
+    assert ranks[0]["model"].keys() == ranks[1]["model"].keys()
+    for key, value in ranks[0]["model"].items():
+        assert torch.equal(value, ranks[1]["model"][key]), key
+    lines = _train_lines(tmp_path)
+    assert [lines[s]["train/loss_scale_skipped"] for s in (1, 2, 3)] == [0.0, 1.0, 0.0]
 
 
 def test_a_nan_loss_still_stops(

@@ -563,8 +563,10 @@ def run_weighting(args: argparse.Namespace) -> dict[str, Any]:
     gramians = {"model": gram.G.detach().cpu().double(), "conflicting": grads @ grads.T}
     out: dict[str, Any] = {"mode": spec.name, "m": m, "stack_steps": S, "batch_size": B,
                            "gramian_s": round(gramian_s, 4), "weighting": {}}  # fmt: skip
+    weights: dict[str, Tensor] = {}
     for name, G in gramians.items():
         screened_s, w = time_weighting(G, "screened")
+        weights[name] = w
         row: dict[str, Any] = {
             "conflicting_objectives": int((G < 0).any(0).sum()),
             "screened_s": round(screened_s, 4),
@@ -576,7 +578,7 @@ def run_weighting(args: argparse.Namespace) -> dict[str, Any]:
             row["max_weight_difference"] = float((w - w_quadprog).abs().max())
         out["weighting"][name] = row
         print(f"{name:12s} m={m}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
-    w = time_weighting(gramians["model"], "screened")[1].to(bench.device)
+    w = weights["model"].to(bench.device)
     start = time.perf_counter()
     gram.apply((m / B) * w, None)
     sync(bench.device)

@@ -646,3 +646,53 @@ def test_the_options_are_command_line_keys_checked_in_one_line() -> None:
         load_pretrain_config(compose(overrides=["objective=iwrm_with_q_halt_in",
                                                 "objective.scale=batch"]))  # fmt: skip
     assert "\n" not in str(e.value).strip()
+
+
+class RowRecorder:
+    """Stands in for ``training.hard_examples.HardExampleCounts``: the halting flags of every
+    output it is shown."""
+
+    def __init__(self) -> None:
+        self.halted: list[list[bool]] = []
+
+    def observe_output(self, out: object) -> None:
+        self.halted.append(out.new_carry.halted.tolist())
+
+
+@pytest.mark.parametrize("mode", ["stack_supervisions", "stack_supervisions_and_sum"])
+def test_hard_examples_count_the_rows_of_every_stacked_step(mode: str) -> None:
+    """sampling=hard_examples with stacked supervision steps: a slot that halts at the first
+    step (and reloads) counts there, not only the slots that halt at the last one; the step
+    does not count the last output a second time (``Gradients.rows_observed``)."""
+    from models.family import family_of
+    from models.registry import build_loss_head
+    from training.config import load_pretrain_config
+    from training.state import TrainState
+    from training.strategies import build_strategy
+    from utils.config import compose
+
+    halted = [[False, True, True, True], [True, False, False, False]]
+    over = ["+experiment=tiny_cpu", "arch.hidden_size=16", "arch.halt_max_steps=2",
+            "arch.halt_exploration_prob=0", f"objective={mode}", "aggregator=mean",
+            "objective.carry_perturbation_rate=0",
+            f"global_batch_size={DIMS.batch_size}"]  # fmt: skip
+    config = load_pretrain_config(compose(overrides=over))
+    torch.manual_seed(0)
+    head = build_loss_head(config.arch, DIMS).train()
+    family = family_of(config.arch)
+    capabilities = family.capabilities(config.arch, head)
+    batch = tiny_batch()
+    with torch.no_grad():
+        carry = head(carry=head.initial_carry(batch), batch=batch).new_carry
+    recorder = RowRecorder()
+    state = TrainState(model=ForcedHalting(head, halted), family=family,
+                       capabilities=capabilities, carry=carry)  # fmt: skip
+    state.hard_examples = recorder  # type: ignore[assignment]
+    strategy = build_strategy(config, head, family, capabilities)
+    grads = strategy.compute_gradients(state, batch, guard=lambda t: None)
+    assert grads.rows_observed
+    # By hand: the carry comes from one forward (every slot at step 1 of halt_max_steps=2,
+    # the untrained Q head saying continue). Step 0 reloads slots 1-3 (step 1 again) and takes
+    # slot 0 to step 2, where it halts; step 1 reloads slot 0 and halts slots 1-3. Counting the
+    # last output only would miss slot 0's halt.
+    assert recorder.halted == [[True, False, False, False], [False, True, True, True]]

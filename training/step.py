@@ -318,7 +318,7 @@ def _micro_batch(
         window.skip = "loss"
         return
     _leave_slot(state)
-    if state.hard_examples is not None:
+    if state.hard_examples is not None and not grads_out.rows_observed:
         state.hard_examples.observe_output(grads_out.out)
     _add_to_window(window, grads_out)
     if state.loss_scaler is not None:
@@ -383,7 +383,7 @@ def _optimizer_step(
     except _SkipBatchError:
         return _skip_update(config, state, "loss", any_rank(stop_requested, dist_info.device))
     _leave_slot(state)
-    if state.hard_examples is not None:
+    if state.hard_examples is not None and not grads_out.rows_observed:
         state.hard_examples.observe_output(grads_out.out)
     window_sums, non_finite, strategy_metrics = _window_metrics(state.window, grads_out)
     params = [p for p in state.raw_model.parameters() if p.requires_grad]

@@ -55,6 +55,9 @@ class Gradients:
     # 1.0 where this rank's loss was not finite and not yet checked: the step checks it with
     # the metrics, in the same all-reduce and host read, before any optimizer update.
     unchecked_non_finite: torch.Tensor | None = None
+    # The strategy counted every forward's rows for hard-example sampling itself (stacked
+    # supervision steps: rows halt at any of them), so the step does not count ``out`` again.
+    rows_observed: bool = False
 
 
 class StepStrategy(ABC):
@@ -251,6 +254,8 @@ class JacobianDescent(StepStrategy):
                 out: LossOutput = state.model(carry=state.carry, batch=batch, return_keys=())
                 state.carry = out.new_carry
                 last["out"] = out
+                if state.hard_examples is not None:
+                    state.hard_examples.observe_output(out)
                 if emb is not None:
                     emb.seen.append(emb.ids.clone())
                 halt = out.halt_loss_per_sample if out.has_halting else None
@@ -267,7 +272,7 @@ class JacobianDescent(StepStrategy):
                 (c.sum() / self.loss_divisor).backward()
                 if emb is not None and s < layout.S - 1:
                     emb.keep()  # this step's rows, before the next forward reloads slots
-            return Gradients(last["out"], {"jd/num_objectives": 1.0})
+            return Gradients(last["out"], {"jd/num_objectives": 1.0}, rows_observed=True)
         result = self.descent.step(
             steps=contributions(),
             layout=layout,
@@ -278,7 +283,9 @@ class JacobianDescent(StepStrategy):
             step_index=state.step,
             all_reduce=all_reduce_sum_,
         )
-        return Gradients(last["out"], result.metrics, result.reduced_across_ranks)
+        return Gradients(
+            last["out"], result.metrics, result.reduced_across_ranks, rows_observed=True
+        )
 
 
 def fct_steps_per_batch(config: PretrainConfig) -> int | None:

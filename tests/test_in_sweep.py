@@ -17,26 +17,15 @@ import yaml
 
 from sweeps.in_sweep import NOT_AN_AGENT, apply_sweep_values, join_sweep_run
 from tests.test_puzzle_dataset import write_split
+from tests.test_run_files import TINY as RUN_FILES_TINY
 from training.config import PretrainConfig, load_pretrain_config
 from utils.config import compose, lenient_overrides
 from utils.distributed import DistInfo
 from utils.logging import build_logger
 from utils.schema import ConfigError
 
-TINY = [
-    "+experiment=tiny_cpu",
-    "logger=wandb_offline",
-    "data_workers=0",
-    "global_batch_size=4",
-    "arch.hidden_size=16",
-    "arch.H_cycles=2",
-    "arch.L_cycles=1",
-    "arch.halt_max_steps=2",
-    "lr_warmup_steps=2",
-    "epochs=2",
-    "eval_interval=2",
-    "evaluators=[]",
-]
+# The run-file tests' tiny run, logging to an offline W&B run.
+TINY = [o for o in RUN_FILES_TINY if not o.startswith("logger=")] + ["logger=wandb_offline"]
 
 
 class FakeRunConfig(dict):

@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -584,21 +585,13 @@ class ForcedHalting(torch.nn.Module):
         return self.head(carry=carry, batch=batch, return_keys=return_keys)
 
 
-@pytest.mark.parametrize("mode", ["stack_supervisions", "stack_supervisions_and_sum"])
-def test_the_strategy_gives_each_stacked_step_its_puzzles(mode: str) -> None:
-    """training.strategies.JacobianDescent, Jacobian (m = 2) and summed (m = 1) paths: the
-    slot reloaded mid-stack trains its first puzzle with step 0's row and the batch's puzzle
-    with step 1's, as the by-hand rows of ``stacked_rows``."""
+def stacked_setup(mode: str) -> tuple[Any, torch.nn.Module, Any, Any]:
+    """(config, loss head, family, capabilities) of a tiny trm with two stacked steps."""
     from models.family import family_of
     from models.registry import build_loss_head
     from training.config import load_pretrain_config
-    from training.optimizers import NamedOptimizer
-    from training.state import TrainState
-    from training.strategies import build_strategy
     from utils.config import compose
 
-    halted = [[False, True, True, True], [True, False, False, False]]
-    seen, grads, _ = stacked_rows(tiny_head(halt_exploration_prob="0"), halted, record=True)
     over = ["+experiment=tiny_cpu", "arch.hidden_size=16", "arch.halt_max_steps=2",
             "arch.halt_exploration_prob=0", f"objective={mode}", "aggregator=mean",
             "objective.carry_perturbation_rate=0",
@@ -608,6 +601,21 @@ def test_the_strategy_gives_each_stacked_step_its_puzzles(mode: str) -> None:
     head = build_loss_head(config.arch, DIMS).train()
     family = family_of(config.arch)
     capabilities = family.capabilities(config.arch, head)
+    return config, head, family, capabilities
+
+
+@pytest.mark.parametrize("mode", ["stack_supervisions", "stack_supervisions_and_sum"])
+def test_the_strategy_gives_each_stacked_step_its_puzzles(mode: str) -> None:
+    """training.strategies.JacobianDescent, Jacobian (m = 2) and summed (m = 1) paths: the
+    slot reloaded mid-stack trains its first puzzle with step 0's row and the batch's puzzle
+    with step 1's, as the by-hand rows of ``stacked_rows``."""
+    from training.optimizers import NamedOptimizer
+    from training.state import TrainState
+    from training.strategies import build_strategy
+
+    halted = [[False, True, True, True], [True, False, False, False]]
+    seen, grads, _ = stacked_rows(tiny_head(halt_exploration_prob="0"), halted, record=True)
+    config, head, family, capabilities = stacked_setup(mode)
     table = head.model.inner.puzzle_emb
     optimizer = CastedSparseEmbeddingSignSGD_Distributed(table.buffers(), world_size=1, lr=1.0,
                                                          weight_decay=0.0)  # fmt: skip
@@ -664,23 +672,11 @@ def test_hard_examples_count_the_rows_of_every_stacked_step(mode: str) -> None:
     """sampling=hard_examples with stacked supervision steps: a slot that halts at the first
     step (and reloads) counts there, not only the slots that halt at the last one; the step
     does not count the last output a second time (``Gradients.rows_observed``)."""
-    from models.family import family_of
-    from models.registry import build_loss_head
-    from training.config import load_pretrain_config
     from training.state import TrainState
     from training.strategies import build_strategy
-    from utils.config import compose
 
     halted = [[False, True, True, True], [True, False, False, False]]
-    over = ["+experiment=tiny_cpu", "arch.hidden_size=16", "arch.halt_max_steps=2",
-            "arch.halt_exploration_prob=0", f"objective={mode}", "aggregator=mean",
-            "objective.carry_perturbation_rate=0",
-            f"global_batch_size={DIMS.batch_size}"]  # fmt: skip
-    config = load_pretrain_config(compose(overrides=over))
-    torch.manual_seed(0)
-    head = build_loss_head(config.arch, DIMS).train()
-    family = family_of(config.arch)
-    capabilities = family.capabilities(config.arch, head)
+    config, head, family, capabilities = stacked_setup(mode)
     batch = tiny_batch()
     with torch.no_grad():
         carry = head(carry=head.initial_carry(batch), batch=batch).new_carry

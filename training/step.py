@@ -293,6 +293,30 @@ def _leave_slot(state: TrainState) -> None:
         state.slot_carries[state.window.position] = state.carry
 
 
+def _gradients(
+    config: PretrainConfig,
+    state: TrainState,
+    batch: dict[str, torch.Tensor],
+    last_checkpoint: Path | None,
+) -> Gradients:
+    """The strategy's gradients of one (micro-)batch, in its slot's carry (the decoder without
+    gradient while frozen), its halted rows counted for hard-example sampling.
+    ``_SkipBatchError`` (every rank together) when its loss is not finite under
+    ``nonfinite=skip``."""
+    strategy = state.strategy
+    assert strategy is not None
+    _enter_slot(state, batch)
+    frozen = decoder_frozen(config, state.step)
+    with _without_gradient(strategy.norm_groups["decoder"] if frozen else []):
+        grads = strategy.compute_gradients(
+            state, batch, finite_guard(config, state, last_checkpoint)
+        )
+    _leave_slot(state)
+    if state.hard_examples is not None and not grads.rows_observed:
+        state.hard_examples.observe_output(grads.out)
+    return grads
+
+
 def _micro_batch(
     config: PretrainConfig,
     state: TrainState,
@@ -301,25 +325,16 @@ def _micro_batch(
     last_checkpoint: Path | None,
 ) -> None:
     """A window's micro-batch before its last: gradients added up, nothing reduced or read."""
-    strategy, window = state.strategy, state.window
-    assert strategy is not None
+    window = state.window
     if beyond_schedule(config, state) or window.skip is not None:
         return
     batch = {k: v.to(dist_info.device, non_blocking=True) for k, v in batch.items()}
-    _enter_slot(state, batch)
-    frozen = decoder_frozen(config, state.step)
     try:
-        with _without_gradient(strategy.norm_groups["decoder"] if frozen else []):
-            grads_out = strategy.compute_gradients(
-                state, batch, finite_guard(config, state, last_checkpoint)
-            )
+        grads_out = _gradients(config, state, batch, last_checkpoint)
     except _SkipBatchError:
         # Every rank raised together; the step at the window's end skips the update.
         window.skip = "loss"
         return
-    _leave_slot(state)
-    if state.hard_examples is not None and not grads_out.rows_observed:
-        state.hard_examples.observe_output(grads_out.out)
     _add_to_window(window, grads_out)
     if state.loss_scaler is not None:
         state.loss_scaler.watch_sparse()
@@ -372,19 +387,10 @@ def _optimizer_step(
         return _skip_update(
             config, state, state.window.skip, any_rank(stop_requested, dist_info.device)
         )
-    _enter_slot(state, batch)
-
-    frozen = decoder_frozen(config, state.step)
     try:
-        with _without_gradient(strategy.norm_groups["decoder"] if frozen else []):
-            grads_out = strategy.compute_gradients(
-                state, batch, finite_guard(config, state, last_checkpoint)
-            )
+        grads_out = _gradients(config, state, batch, last_checkpoint)
     except _SkipBatchError:
         return _skip_update(config, state, "loss", any_rank(stop_requested, dist_info.device))
-    _leave_slot(state)
-    if state.hard_examples is not None and not grads_out.rows_observed:
-        state.hard_examples.observe_output(grads_out.out)
     window_sums, non_finite, strategy_metrics = _window_metrics(state.window, grads_out)
     params = [p for p in state.raw_model.parameters() if p.requires_grad]
     if not grads_out.reduced_across_ranks:
@@ -453,7 +459,7 @@ def _optimizer_step(
         metrics["train/micro_batches"] = float(k)
     metrics.update(zip(norms, host[len(keys) :], strict=True))
     if config.freeze_decoder_steps:
-        metrics["train/decoder_frozen"] = float(frozen)
+        metrics["train/decoder_frozen"] = float(decoder_frozen(config, state.step))
     out = grads_out.out
     predicted = {**out.new_carry.current_data, "preds": out.outputs["preds"]}
     return StepResult(metrics, stop, predicted=predicted)

@@ -245,16 +245,23 @@ class UniformSampler(Sampler):
         ``max_groups`` keeping fewer groups than a set has, the same formula over the kept
         groups and their puzzles.
         """
-        return int(epochs * self.examples_per_epoch() / self.global_batch_size)
+        groups, mean = self._groups_and_mean_size()
+        return int(epochs * groups * mean / self.global_batch_size)
 
     def examples_per_epoch(self) -> float:
         """Upstream's estimate of the examples one epoch visits: groups × mean puzzle size."""
-        if all(kept_groups(s, self.max_groups) == s.num_groups for s in self.sets):
-            return self.metadata.total_groups * self.metadata.mean_puzzle_examples
-        groups = sum(kept_groups(s, self.max_groups) for s in self.sets)
-        puzzles = sum(int(s.group_indices[kept_groups(s, self.max_groups)]) for s in self.sets)
+        groups, mean = self._groups_and_mean_size()
+        return groups * mean
+
+    def _groups_and_mean_size(self) -> tuple[int, float]:
+        """(kept groups, mean examples per kept puzzle) over every set: the metadata's
+        ``total_groups`` and ``mean_puzzle_examples`` when every group is kept."""
+        kept = [kept_groups(s, self.max_groups) for s in self.sets]
+        if all(k == s.num_groups for k, s in zip(kept, self.sets, strict=True)):
+            return self.metadata.total_groups, self.metadata.mean_puzzle_examples
+        puzzles = sum(int(s.group_indices[k]) for k, s in zip(kept, self.sets, strict=True))
         examples = sum(kept_examples(s, self.max_groups) for s in self.sets)
-        return groups * (examples / max(puzzles, 1))
+        return sum(kept), examples / max(puzzles, 1)
 
 
 @dataclass

@@ -68,6 +68,18 @@ def test_uniform_total_steps_is_upstreams_formula(tmp_path: Path) -> None:
         assert two.total_steps(epochs) == int(epochs * 9 * mean / 6)
 
 
+def test_uniform_total_steps_multiplies_left_to_right_as_upstream(tmp_path: Path) -> None:
+    """``int(epochs * total_groups * mean_puzzle_examples / gbs)`` in upstream's order: for
+    these figures epochs * (groups * mean) rounds to one step fewer (3162067)."""
+    write_split(tmp_path / "a", "train")
+    ds = make(tmp_path / "a", 8)
+    metadata = ds.metadata.model_copy(update={"total_groups": 1625, "mean_puzzle_examples": 4.3008})
+    sampler = UniformSampler(ds.sampler.sets, metadata, seed=0, global_batch_size=192,
+                             epochs_per_iter=1)  # fmt: skip
+    assert 86870 * 1625 * 4.3008 / 192 != 86870 * (1625 * 4.3008) / 192
+    assert sampler.total_steps(86870) == 3162068
+
+
 def test_sequential_total_steps_counts_its_windows(data: Path) -> None:
     ds = make(data, 8, test=True)
     passes = len(one_iteration(ds))

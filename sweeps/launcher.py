@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from sweeps.space import override_key
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO_ROOT / "pretrain.py"
 POLL_S = 0.25
@@ -48,7 +50,7 @@ def launch_prefix(launcher: str, nproc_per_node: int, python: str = sys.executab
 def trial_overrides(base: list[str], sampled: list[str], run_name: str, run_dir: Path) -> list[str]:
     """Every override of a trial: the base ones, the sampled ones, then its name and folder
     (``logger=none`` first unless the base chooses a logger: the sweep reads metrics.jsonl)."""
-    chooses_logger = any(o.split("=", 1)[0].lstrip("+") == "logger" for o in base)
+    chooses_logger = any(override_key(o) == "logger" for o in base)
     return [
         *([] if chooses_logger else ["logger=none"]),
         *base,

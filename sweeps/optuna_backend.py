@@ -149,9 +149,7 @@ def _requeue_interrupted(study: Any, sweep_dir: Path) -> None:
         study.tell(trial.number, state=TrialState.FAIL)
         study.enqueue_trial(dict(trial.params))
         reason = "interrupted; parameters queued again"
-        record = {"number": trial.number, "state": "failed", "params": dict(trial.params),
-                  "value": None, "values": [], "reason": reason}  # fmt: skip
-        _append(sweep_dir / TRIALS_FILE, record)
+        _append(sweep_dir / TRIALS_FILE, _record(trial, "failed", None, reason=reason))
 
 
 def _finished(study: Any) -> int:

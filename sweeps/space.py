@@ -178,14 +178,19 @@ class SweepConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepConfig:
+        if self.launcher == "python" and self.nproc_per_node > 1:
+            raise ValueError(
+                f"launcher: python runs one process per trial, not nproc_per_node="
+                f"{self.nproc_per_node}; use launcher: torchrun (or auto)"
+            )
         for key in self.parameters:
-            if key.lstrip("+~") in RESERVED_KEYS or not key or key != key.strip():
+            if override_key(key) in RESERVED_KEYS or not key or key != key.strip():
                 raise ValueError(f"parameters.{key}: not a parameter the sweep can set")
         for override in self.base_overrides:
             key = override_key(override)
             if key in RESERVED_KEYS:
                 raise ValueError(f"base_overrides: {override!r} is set by the sweep for each trial")
-            if key in {k.lstrip("+~") for k in self.parameters}:
+            if key in {override_key(k) for k in self.parameters}:
                 raise ValueError(f"base_overrides: {override!r} is also a swept parameter")
         for i, point in enumerate(self.enqueue):
             for key, value in point.items():

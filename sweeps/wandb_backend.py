@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sweeps.launcher import PRETRAIN, uses_torchrun
+from sweeps.launcher import PRETRAIN, launch_prefix
 from sweeps.space import CategoricalParam, RangeParam, SweepConfig
 
 
@@ -38,12 +38,9 @@ def wandb_parameter(spec: CategoricalParam | RangeParam) -> dict[str, Any]:
 def wandb_command(config: SweepConfig, extra_overrides: list[str] | None = None) -> list[str]:
     """The agent's command template: W&B fills ``${env}``, ``${interpreter}``, ``${program}``
     and ``${args_no_hyphens}`` (``key=value`` per sampled parameter)."""
-    launcher = ["${env}", "${interpreter}"]
-    if uses_torchrun(config.launcher, config.nproc_per_node):
-        launcher += ["-m", "torch.distributed.run", "--standalone",
-                     "--nproc-per-node", str(config.nproc_per_node)]  # fmt: skip
     return [
-        *launcher,
+        "${env}",
+        *launch_prefix(config.launcher, config.nproc_per_node, "${interpreter}"),
         "${program}",
         *config.base_overrides,
         *(extra_overrides or []),

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from sweeps.cli import main
-from sweeps.launcher import MetricFollower, trial_command
+from sweeps.launcher import MetricFollower, trial_command, trial_overrides
 from sweeps.space import load_sweep_config
 from sweeps.wandb_backend import wandb_sweep_dict
 
@@ -115,6 +115,13 @@ def test_a_trial_with_several_processes_runs_under_torchrun() -> None:
     assert trial_command("torchrun", 1, [], python="py")[1:3] == ["-m", "torch.distributed.run"]
 
 
+def test_a_base_override_that_removes_the_logger_chooses_it() -> None:
+    """``~logger`` in the base overrides is the user's choice: the sweep adds no logger=none."""
+    assert trial_overrides(["~logger"], [], "t", Path("d"))[0] == "~logger"
+    assert trial_overrides(["++logger=wandb"], [], "t", Path("d"))[0] == "++logger=wandb"
+    assert trial_overrides(["lr=1"], [], "t", Path("d"))[:2] == ["logger=none", "lr=1"]
+
+
 @pytest.mark.parametrize(
     ("fields", "named"),
     [
@@ -125,6 +132,7 @@ def test_a_trial_with_several_processes_runs_under_torchrun() -> None:
         ({"base_overrides": ["+run_name=x"]}, "base_overrides: '+run_name=x' is set by the sweep"),
         ({"enqueue": [{"lr": 5.0}]}, "enqueue.0.lr: 5.0 is outside the parameter"),
         ({"metric": {"name": "x", "goal": "maximise"}}, "metric.goal"),
+        ({"launcher": "python", "nproc_per_node": 2}, "launcher: python runs one process"),
     ],
 )
 def test_a_mistake_in_the_sweep_file_is_one_line_and_exit_2(

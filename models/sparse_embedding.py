@@ -191,7 +191,9 @@ class CastedSparseEmbeddingSignSGD_Distributed(torch.optim.Optimizer):
             local_weights, local_ids, _ = self._split_group(group)
             if local_weights.grad is None:
                 continue
-            kept.append((local_ids.clone(), local_weights.grad.clone()))
+            # The ids buffer is refilled in place by the next forward; the gradient tensor is
+            # handed over (the next backward allocates a new one once .grad is None).
+            kept.append((local_ids.clone(), local_weights.grad))
             local_weights.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:

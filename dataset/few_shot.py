@@ -65,7 +65,7 @@ import numpy as np
 
 from dataset.common import DataError, PuzzleDatasetMetadata
 from dataset.reader import SetData
-from dataset.sampling import SAMPLERS, BatchRows, Sampler, SetPlan
+from dataset.sampling import SAMPLERS, BatchRows, Sampler, SetPlan, kept_groups
 from utils.schema import ConfigError
 
 TARGET_POLICIES = ("test_pairs", "leave_one_out")
@@ -148,7 +148,7 @@ def set_queries(
             "path reads ARC data only (Sudoku and Maze have none); build it with python -m "
             "dataset.build_arc_dataset_encoder"
         )
-    kept = set_data.num_groups if max_groups is None else min(max_groups, set_data.num_groups)
+    kept = kept_groups(set_data, max_groups)
     puzzles = int(set_data.group_indices[kept])
     examples = np.diff(set_data.puzzle_indices[: puzzles + 1])
     num_demos = set_data.num_demos[:puzzles]
@@ -206,8 +206,9 @@ class DemoSampler(Sampler):
             )
         self.max_demos = max_demos
         self.target_policy = target_policy
-        kept = self.max_groups
-        self.queries = [set_queries(s, target_policy, max_demos, kept) for s in self.sets]
+        self.queries = [
+            set_queries(s, target_policy, max_demos, self.max_groups) for s in self.sets
+        ]
 
 
 @dataclass

@@ -26,7 +26,8 @@ metrics (``tto/...``, ``training.evaluation``) and its options under ``tto`` in
 ``evaluation.json``. With search, ``submission.json`` holds the search's attempts and the plain
 ones go to ``submission_no_tto.json``; without it, the files are exactly as before. A TRM
 checkpoint on a strict-split build searches a fresh puzzle-embedding row per query on the
-task's demos (``training.evaluation.search_loader`` gives it the demos it does not read).
+task's demos (``training.data.create_dataloader``'s ``with_demos`` gives it the demos it does
+not read).
 
 On a strict-split evaluation set, weights trained on the demonstrations of its tasks (a
 TRM-split decoder, an upstream file without provenance) are refused unless
@@ -63,7 +64,7 @@ from training.config import (
     validate_pretrain_config,
 )
 from training.data import create_dataloader
-from training.evaluation import SearchPlan, evaluate, search_loader
+from training.evaluation import SearchPlan, evaluate
 from training.pretrained_decoder import Contamination, check_contamination
 from training.state import TrainState, build_model
 from utils.atomic import write_text_atomically
@@ -195,10 +196,9 @@ def run(ecfg: EvaluateConfig, dist_info: DistInfo) -> dict[str, float]:
     config = resolved.config
     check_world_size(config, dist_info.world_size)
     contamination = guard(ecfg, resolved, dist_info.is_main)
-    if ecfg.tto.enabled:
-        loader, data = search_loader(config, dist_info)
-    else:
-        loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True)
+    loader, data = create_dataloader(
+        config, "test", dist_info, test_set_mode=True, with_demos=ecfg.tto.enabled
+    )
     head, family = build_model(config, data, dist_info)
     load_model_weights(head, resolved.weights, resize_puzzle_emb=False, source=ecfg.checkpoint)
     state = TrainState(

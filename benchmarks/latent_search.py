@@ -10,8 +10,8 @@ and a tiny ETRM (``arch=etrm``, standard encoder) and a tiny TRM (``arch=trm``, 
 train on the training tasks for ``--train-steps`` steps. Each one's EMA weights are then
 evaluated on the evaluation tasks, which no run trained on, in one
 ``training.evaluation.evaluate`` pass over the few-shot evaluation rows (TRM, which reads no
-demos, gets them for the search only: ``training.evaluation.search_loader``) with search
-(``training.latent_search``, ``--search-steps`` steps of ``--lr`` with ``--optimizer``,
+demos, gets them for the search only: ``training.data.create_dataloader``'s ``with_demos``)
+with search (``training.latent_search``, ``--search-steps`` steps of ``--lr`` with ``--optimizer``,
 ``--variable``, ``--init``, leave-one-out; for TRM the search variable is a fresh
 puzzle-embedding row, as its evaluation tasks' rows were never trained): exact accuracy without
 search (``all/exact_accuracy``, one prediction per query, so pass@1 = pass@2 without
@@ -65,7 +65,8 @@ from dataset import synthetic_tasks as st
 from models.recursive_reasoning.common import ModelDims
 from training.checkpointing import evaluation_weights
 from training.config import PretrainConfig, load_pretrain_config
-from training.evaluation import SearchPlan, evaluate, search_loader
+from training.data import create_dataloader
+from training.evaluation import SearchPlan, evaluate
 from training.latent_search import TTOConfig, search
 from training.state import TrainState, build_model
 from utils.checkpoint import load_checkpoint_files, load_model_weights
@@ -103,10 +104,10 @@ class SearchSettings:
 
 def load_trained(config: PretrainConfig, checkpoint: Path) -> tuple[TrainState, Any]:
     """The checkpoint's EMA weights in a fresh model, and its few-shot test loader
-    (``training.evaluation.search_loader``)."""
+    (``training.data.create_dataloader(..., with_demos=True)``)."""
     dist_info = DistInfo()
     shared, _ = load_checkpoint_files(checkpoint, rank=0)
-    loader, data = search_loader(config, dist_info)
+    loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True, with_demos=True)
     head, family = build_model(config, data, dist_info)
     load_model_weights(head, evaluation_weights(shared, use_ema=True), resize_puzzle_emb=False,
                        source=str(checkpoint))  # fmt: skip

@@ -674,12 +674,14 @@ def _search_rows(checkpoint: Path) -> Any:
     batch, the loaded head)."""
     from evaluate import resolve
     from evaluators.arc import ARC, ARCEvaluatorConfig
-    from training.evaluation import search_loader
+    from training.data import create_dataloader
     from training.state import build_model
     from utils.checkpoint import load_model_weights
 
     resolved = resolve(EvaluateConfig(checkpoint=str(checkpoint), evaluators=[{"name": "arc"}]))
-    loader, data = search_loader(resolved.config, DistInfo())
+    loader, data = create_dataloader(
+        resolved.config, "test", DistInfo(), test_set_mode=True, with_demos=True
+    )
     head, _ = build_model(resolved.config, data, DistInfo())
     load_model_weights(head, resolved.weights, resize_puzzle_emb=False, source="test")
     head.eval()

@@ -13,9 +13,10 @@ table; ``run_trace`` is the same for callers (``evaluate.py trace.enabled=True``
 ``torchrun`` each rank traces its rows and rank 0 writes.
 
 With ``tto.steps=K`` (test-time latent search, ``training.latent_search``) the rows come from
-the loader ``evaluate.py`` searches with (``training.evaluation.search_loader``: for TRM, the
-queries of a strict-split build with their tasks' demos) and the traced rows of every batch are
-searched together as evaluate.py searches a batch, after their recorded rollout; each clean
+the loader ``evaluate.py`` searches with (``training.data.create_dataloader``'s ``with_demos``:
+for TRM, the queries of a strict-split build with their tasks' demos) and the traced rows of
+every batch are searched together as evaluate.py searches a batch, after their recorded
+rollout; each clean
 record gains ``search`` (``tracing.records.search_entry``). Rows not traced are not searched,
 so ``trace.aug=identity`` costs one search per test input.
 """
@@ -50,7 +51,6 @@ from tracing.records import (
 from tracing.writer import order_records, write_trace
 from training.config import EvaluateConfig, PretrainConfig, check_world_size
 from training.data import create_dataloader, reads_demos
-from training.evaluation import search_loader
 from training.latent_search import search
 from training.state import build_model
 from utils.checkpoint import load_model_weights
@@ -111,10 +111,9 @@ def run_trace(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistInfo) -> 
     if trace.groups is not None:  # every family's test loader keeps the first N groups
         config = config.model_copy(update={"max_eval_groups": trace.groups})
     tto = ecfg.tto
-    if tto.enabled:
-        loader, data = search_loader(config, dist_info)
-    else:
-        loader, data = create_dataloader(config, "test", dist_info, test_set_mode=True)
+    loader, data = create_dataloader(
+        config, "test", dist_info, test_set_mode=True, with_demos=tto.enabled
+    )
     head, _ = build_model(config, data, dist_info)
     load_model_weights(head, resolved.weights, resize_puzzle_emb=False, source=ecfg.checkpoint)
     head.eval()

@@ -17,6 +17,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from dataset.common import DataError, PuzzleDatasetMetadata
+from dataset.demos import DEMO_FIELDS
 from dataset.few_shot import DemoSampler, FewShotSampler
 from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from dataset.reader import find_source, load_metadata
@@ -77,19 +78,35 @@ def check_demo_data(paths: list[str], split: str) -> None:
 
 
 def create_dataloader(
-    config: PretrainConfig, split: str, dist_info: DistInfo, *, test_set_mode: bool
+    config: PretrainConfig,
+    split: str,
+    dist_info: DistInfo,
+    *,
+    test_set_mode: bool,
+    with_demos: bool = False,
 ) -> tuple[DataLoader, PuzzleDataset]:
-    """Upstream's loader: ``PuzzleDataset`` yields whole batches (``batch_size=None``)."""
+    """Upstream's loader: ``PuzzleDataset`` yields whole batches (``batch_size=None``).
+
+    ``with_demos`` (evaluation with test-time search): the few-shot evaluation rows, every query
+    with its task's demos (ETRM's evaluation loader), also for a family that reads no demos
+    (TRM, whose search variable is a fresh puzzle-embedding row), the demo fields added. Those
+    rows are the queries only, so TRM's plain per-row metrics then leave out the demonstration
+    pairs a strict split's test set also holds; the ARC evaluator never scored those.
+    """
+    if with_demos and not test_set_mode:
+        raise ValueError("with_demos is for evaluation loaders (test_set_mode=True)")
     use_test_paths = split == "test" and config.data_paths_test
     paths = config.data_paths_test if use_test_paths else config.data_paths
     sampler, options = None if test_set_mode else config.sampler, {}
     max_groups = config.max_eval_groups if test_set_mode else config.max_train_groups
     if max_groups is not None:  # absent otherwise, so that states saved without it resume
         options = {"max_groups": max_groups}
-    if reads_demos(config):
+    fields = list(family_of(config.arch).batch_fields)
+    if reads_demos(config) or with_demos:
+        if not reads_demos(config):
+            fields += DEMO_FIELDS  # for the search only
         sampler, options = _demo_sampling(config, test_set_mode)
         check_demo_data(paths, split)
-    fields = list(family_of(config.arch).batch_fields)
     if config.sampling == "hard_examples" and not test_set_mode:
         # Each row's puzzle rides in the ACT carry with it, to be counted when it halts.
         sampler, fields = _hard_example_sampler(config), [*fields, "puzzle_index"]

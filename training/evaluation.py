@@ -32,17 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from dataset.common import IGNORE_LABEL_ID
-from dataset.demos import DEMO_FIELDS
-from dataset.puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
 from evaluators.base import Evaluator
 from evaluators.prediction_images import PredictionSample, StepExactCurve
-from models.family import family_of
 from models.losses import sum_row_metrics
 from training.config import PretrainConfig
-from training.data import check_demo_data, create_dataloader, reads_demos
 from training.latent_search import SearchOutput, TTOConfig, search
 from training.rollout import rollout
 from training.state import TrainState
@@ -69,34 +64,6 @@ class SearchPlan:
 
     config: TTOConfig
     evaluators: Sequence[Evaluator] = field(default_factory=tuple)
-
-
-def search_loader(config: PretrainConfig, dist_info: DistInfo) -> tuple[DataLoader, PuzzleDataset]:
-    """The test loader of an evaluation with search: ``training.data.create_dataloader``'s for a
-    family that reads demonstrations; for one that reads none (TRM, whose search variable is a
-    fresh puzzle-embedding row), the few-shot evaluation rows (every query with its task's
-    demos, ETRM's evaluation loader) with the demo fields added for the search. Those rows are
-    the queries only, so TRM's plain per-row metrics then leave out the demonstration pairs a
-    strict split's test set also holds; the ARC evaluator never scored those."""
-    if reads_demos(config):
-        return create_dataloader(config, "test", dist_info, test_set_mode=True)
-    paths = config.data_paths_test or config.data_paths
-    check_demo_data(paths, "test")
-    dataset = PuzzleDataset(
-        PuzzleDatasetConfig(
-            seed=config.seed, dataset_paths=paths, global_batch_size=config.global_batch_size,
-            test_set_mode=True, epochs_per_iter=1, rank=dist_info.rank,
-            num_replicas=dist_info.world_size,
-            fields=[*family_of(config.arch).batch_fields, *DEMO_FIELDS],
-            sampler="few_shot_eval",
-            sampler_options={"max_demos": config.max_demos, "max_groups": config.max_eval_groups},
-        ),
-        split="test",
-    )  # fmt: skip
-    loader = DataLoader(
-        dataset, batch_size=None, num_workers=0, pin_memory=dist_info.device.type == "cuda"
-    )
-    return loader, dataset
 
 
 def _real_rows(global_effective: int, local_bs: int, rank: int) -> int:

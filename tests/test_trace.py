@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from dataset.common import PUZZLE_ID_SEPARATOR as SEP
+from evaluate import load_configs
 from evaluators.arc import crop
 from models.arch_config import ARCH_CONFIGS
 from models.family import family_of
@@ -27,7 +28,7 @@ from tests.conftest import model_batch
 from tracing.config import TraceConfig, parse_perturbation
 from tracing.record import HCycleCapture, StepCapture, inner_site, trace_batch
 from tracing.records import TaskFrames, build_record, grid_string, parse_grid
-from tracing.trace import load_trace_config, run_trace
+from tracing.trace import run_trace
 from training.config import EvaluateConfig, load_pretrain_config
 from utils.config import compose, validate_model
 from utils.distributed import DistInfo
@@ -151,7 +152,7 @@ def test_trace_is_deterministic(
         "trace.shard_size=7",
     ])  # fmt: skip
     cfg.trace.perturb = PERTURB
-    ecfg, tc = evaluate.load_configs(cfg)
+    ecfg, tc = load_configs(cfg)
     assert tc.enabled and tc.perturbations()[1].target == "injection"
     evaluate.run_trace_instead(ecfg, tc, DistInfo())
     printed = capsys.readouterr().out.splitlines()
@@ -463,7 +464,7 @@ def test_trace_command_line_composes() -> None:
         "checkpoint=ckpt", "trace.groups=32", "trace.aug=all", "trace.probe_l_steps=True",
         "trace.out=traces/", 'trace.perturb="step=5,target=z_L,sigma_rel=0.5,seed=0"',
     ])  # fmt: skip
-    ecfg, tc = load_trace_config(cfg)
+    ecfg, tc = load_configs(cfg)
     assert ecfg.checkpoint == "ckpt"
     assert (tc.groups, tc.aug, tc.probe_l_steps, tc.out) == (32, "all", True, "traces/")
     (p,) = tc.perturbations()
@@ -471,7 +472,7 @@ def test_trace_command_line_composes() -> None:
     cfg = compose("cfg_trace", overrides=[
         "checkpoint=ckpt", 'trace.perturb=["step=1,target=z_H,sigma_rel=0.1","step=3,sigma_rel=1"]',
     ])  # fmt: skip
-    sweep = load_trace_config(cfg)[1].perturbations()
+    sweep = load_configs(cfg)[1].perturbations()
     assert [(p.step, p.target, p.sigma_rel) for p in sweep] == [(1, "z_H", 0.1), (3, "z_L", 1.0)]
 
 
@@ -664,7 +665,7 @@ def search_traced(strict_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
         f"trace.out={root / 'traces'}", f"tto.steps={SEARCH_STEPS}", "tto.lr=0.1",
     ])  # fmt: skip
     cfg.trace.perturb = PERTURB[:1]
-    ecfg, tc = evaluate.load_configs(cfg)
+    ecfg, tc = load_configs(cfg)
     evaluate.run_trace_instead(ecfg, tc, DistInfo())
     return root / "traces"
 

@@ -32,12 +32,12 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
-from evaluate import guard, load_evaluate_config, resolve
+from evaluate import guard, load_configs, resolve, run_trace_instead
 from evaluators.arc import ARC, ARCEvaluatorConfig
 from tracing.config import TraceConfig
-from tracing.per_step import StepVoting, format_table, per_step_results
+from tracing.per_step import StepVoting, per_step_results
 from tracing.record import inner_site, trace_batch
 from tracing.records import (
     CLEAN,
@@ -54,7 +54,7 @@ from training.data import create_dataloader, reads_demos
 from training.latent_search import search
 from training.state import build_model
 from utils.checkpoint import load_model_weights
-from utils.config import ConfigError, lenient_overrides, validate_model
+from utils.config import ConfigError, lenient_overrides
 from utils.distributed import (
     DistInfo,
     cleanup,
@@ -181,30 +181,16 @@ def run_trace(ecfg: EvaluateConfig, trace: TraceConfig, dist_info: DistInfo) -> 
     return per_step
 
 
-def load_trace_config(cfg: DictConfig) -> tuple[EvaluateConfig, TraceConfig]:
-    """The evaluation keys and the ``trace`` section of a composed ``cfg_trace``."""
-    rest = cfg.copy()
-    with open_dict(rest):
-        section = rest.pop("trace", None)
-    data = OmegaConf.to_container(section, resolve=True) if section is not None else {}
-    trace = validate_model(TraceConfig, data, prefix="trace")
-    return load_evaluate_config(rest), trace
-
-
 @hydra.main(config_path="../config", config_name="cfg_trace", version_base=None)
 def main(cfg: DictConfig) -> None:
     with user_errors_exit():
-        ecfg, trace = load_trace_config(cfg)
+        ecfg, trace = load_configs(cfg)
         dist_info = init_distributed(ecfg.device)
         try:
             with collective_phase("trace", slow=True):
-                per_step = run_trace(ecfg, trace, dist_info)
+                run_trace_instead(ecfg, trace, dist_info)
         finally:
             cleanup()
-    if dist_info.is_main:
-        print(format_table(per_step))
-        print(f"trace written to {trace.out}")
-        print(json.dumps(per_step))
 
 
 if __name__ == "__main__":

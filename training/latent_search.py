@@ -101,6 +101,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset.common import IGNORE_LABEL_ID
+from models.ema import unwrap_module
 from models.encoders.base import DemoEncoder
 from models.losses import LossOutput
 from models.recursive_reasoning.act import ACTCarry
@@ -204,17 +205,6 @@ class SearchOutput:
 # ----------------------------------------------------------------------------------------------
 # Model access
 # ----------------------------------------------------------------------------------------------
-def _unwrap(head: nn.Module) -> nn.Module:
-    """The eager loss head inside compile / DDP wrappers."""
-    while True:
-        if hasattr(head, "_orig_mod"):
-            head = head._orig_mod
-        elif isinstance(head, nn.parallel.DistributedDataParallel):
-            head = head.module
-        else:
-            return head
-
-
 @contextlib.contextmanager
 def _frozen(head: nn.Module) -> Iterator[None]:
     """Every parameter without grad and every module in eval mode; both restored after."""
@@ -784,7 +774,7 @@ def search(head: nn.Module, batch: Batch, config: TTOConfig) -> SearchOutput:
     ``requires_grad`` flags and every module's mode are as before.
     """
     started = time.perf_counter()
-    model = _unwrap(head)
+    model = unwrap_module(head)
     meter = _Meter(config.count_flops)
     with torch.inference_mode(False), torch.enable_grad(), _frozen(model):
         out = _search(model, _copied(batch), config, meter)

@@ -229,12 +229,9 @@ def log_predictions(
     ``batch``: ``inputs``, ``labels`` [B, 900] and ``puzzle_identifiers`` [B]; ``outputs``:
     ``preds`` [B, 900] (the model's argmax tokens). Nothing is logged when no row is real.
     """
-    rows = select_rows(batch, outputs, max_samples)
-    if rows.size == 0:
-        return 0
-    panels, captions = prediction_panels(batch, outputs, rows, crop)
-    logger.log_images(key, panels, captions, step)
-    return len(panels)
+    sample = PredictionSample(max_samples, crop)
+    sample.add(batch, outputs)
+    return sample.log(logger, key, step)
 
 
 class PredictionSample:

@@ -15,7 +15,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from models.recursive_reasoning.recording import RecordingSite, perturbing_injection
+from models.recursive_reasoning.recording import (
+    RecordingSite,
+    perturbing_injection,
+    recording_sites,
+)
 from tracing.config import Perturbation
 from utils.schema import ConfigError
 
@@ -52,13 +56,6 @@ def target_latents(site: RecordingSite, target: str) -> list[str]:
     return names
 
 
-def _site(model: nn.Module) -> RecordingSite:
-    sites = [m for m in model.modules() if isinstance(m, RecordingSite)]
-    if not sites:
-        raise ValueError(f"{type(model).__name__} has no recursive inner model to perturb")
-    return sites[0]
-
-
 @contextlib.contextmanager
 def perturbed_forward(
     model: nn.Module, perturbation: Perturbation, record_keys: Sequence[str | None]
@@ -74,7 +71,7 @@ def perturbed_forward(
     def seeds(name: str) -> list[int | None]:
         return [None if k is None else noise_seed(p.seed, k, p.step, name) for k in record_keys]
 
-    site = _site(model)
+    site = recording_sites(model, "perturb")[0]
     if p.target == "injection":
         with perturbing_injection(model, lambda x: add_noise(x, p.sigma_rel, seeds("injection"))):
             yield

@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from models.recursive_reasoning.act import ACTCarry
-from models.recursive_reasoning.recording import RecordingSite, StepRecord, record_steps
+from models.recursive_reasoning.recording import (
+    RecordingSite,
+    StepRecord,
+    record_steps,
+    recording_sites,
+)
 from tracing.config import Perturbation
 from tracing.perturb import perturbed_forward
 
@@ -64,10 +69,7 @@ class StepCapture:
 
 def inner_site(head: nn.Module) -> RecordingSite:
     """The recursive inner model of a loss head (``head.model.inner``)."""
-    sites = [m for m in head.modules() if isinstance(m, RecordingSite)]
-    if not sites:
-        raise ValueError(f"{type(head).__name__} has no recursive inner model to trace")
-    return sites[0]
+    return recording_sites(head, "trace")[0]
 
 
 def _latent_groups(site: RecordingSite) -> tuple[list[str], list[str]]:

@@ -177,9 +177,7 @@ def record_steps(
             f"rows must be a 1-D integer index tensor, got {rows.dtype} of shape "
             f"{tuple(rows.shape)}"
         )
-    inners = [m for m in model.modules() if isinstance(m, RecordingSite)]
-    if not inners:
-        raise ValueError(f"{type(model).__name__} has no recursive inner model to record")
+    inners = recording_sites(model, "record")
     recorder = StepRecorder(
         rows=None if rows is None else rows.to(torch.long),
         latents=latents,
@@ -200,6 +198,15 @@ def record_steps(
             inner._recorder = None
 
 
+def recording_sites(model: nn.Module, purpose: str) -> list[RecordingSite]:
+    """The recursive inner models of ``model``, in module order; a one-line ``ValueError``
+    (``... has no recursive inner model to <purpose>``) when it has none."""
+    sites = [m for m in model.modules() if isinstance(m, RecordingSite)]
+    if not sites:
+        raise ValueError(f"{type(model).__name__} has no recursive inner model to {purpose}")
+    return sites
+
+
 def _start_forward(site: nn.Module, args: tuple[object, ...]) -> None:
     recorder = site._recorder if isinstance(site, RecordingSite) else None
     carry = args[0] if args else None
@@ -213,9 +220,7 @@ def perturbing_injection(
 ) -> Iterator[None]:
     """Inside, every recursive inner model of ``model`` uses ``hook(x)`` as its input
     injection, x [B, P + S, D] (the scaled input embedding, prefix included)."""
-    inners = [m for m in model.modules() if isinstance(m, RecordingSite)]
-    if not inners:
-        raise ValueError(f"{type(model).__name__} has no recursive inner model to perturb")
+    inners = recording_sites(model, "perturb")
     for inner in inners:
         inner.injection_hook = hook
     try:

@@ -49,7 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,19 +260,18 @@ class ARC:
                     f"ARC evaluator: {key} must be [{len(ids)}, {CANVAS * CANVAS}], got "
                     f"{list(arr.shape)}"
                 )
-        for row, task, input_hash, decode in self._test_rows(ids, inputs, preds[:, None]):
-            pred_hash = decode(0)
+        for row, task, input_hash, (pred_hash,) in self._test_rows(ids, inputs, preds[:, None]):
             task_votes = self._votes.setdefault(task, {}).setdefault(input_hash, {})
             task_votes.setdefault(pred_hash, []).append(float(q[row]))
 
     def _test_rows(
         self, ids: np.ndarray, inputs: np.ndarray, preds: np.ndarray
-    ) -> Iterator[tuple[int, str, str, Callable[[int], str]]]:
+    ) -> Iterator[tuple[int, str, str, list[str]]]:
         """The rows whose de-augmented input is a known test input of their task.
 
         ``ids`` [B], ``inputs`` [B, 900] and ``preds`` [B, A, 900] tokens (A predictions per
-        row). Yields ``(row, task, input_hash, decode)``: ``decode(a)`` crops prediction a, maps
-        it back to the task's frame, stores the grid and returns its hash. Blank rows, rows of
+        row). Yields ``(row, task, input_hash, pred_hashes)``: each prediction cropped, mapped back
+        to the task's frame and its grid stored, by hash, the A hashes in order. Blank rows, rows of
         unknown tasks and demonstration rows (strict split) are skipped.
         """
         rows = np.flatnonzero(ids != BLANK_IDENTIFIER_ID)
@@ -293,15 +292,15 @@ class ARC:
             if input_hash not in wanted:
                 continue
 
-            def decode(a: int, j: int = j, task: str = task, undo: Callable = undo) -> str:
+            pred_hashes = []
+            for a in range(A):
                 pred = undo(_colours(pred_canvas[j, a], pred_rows[j, a], pred_cols[j, a]))
                 in_range = pred.size == 0 or int(pred.max()) < NUM_COLOURS
                 assert in_range, f"{task}: colour out of 0..9"
                 pred_hash = grid_hash(pred)
                 self._grids.setdefault(pred_hash, np.ascontiguousarray(pred))
-                return pred_hash
-
-            yield int(row), task, input_hash, decode
+                pred_hashes.append(pred_hash)
+            yield int(row), task, input_hash, pred_hashes
 
     def _name(self, identifier: int) -> str:
         names = self.identifier_names

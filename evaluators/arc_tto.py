@@ -109,10 +109,9 @@ class ARCSearch(ARC):
                 f"attempt_demo_loglik [{B}, {A}], got {list(preds.shape)} and "
                 f"{list(loglik.shape)}"
             )
-        for row, task, input_hash, decode in self._test_rows(ids, inputs, preds):
+        for row, task, input_hash, pred_hashes in self._test_rows(ids, inputs, preds):
             pools = self._search_votes.setdefault(task, {}).setdefault(input_hash, {})
-            for a in range(A):
-                pred_hash = decode(a)
+            for a, pred_hash in enumerate(pred_hashes):
                 # A non-finite likelihood (a row the search could not score) ranks last.
                 value = float(loglik[row, a]) if math.isfinite(loglik[row, a]) else -math.inf
                 pools.setdefault(a, {}).setdefault(pred_hash, []).append(value)

@@ -70,7 +70,10 @@ RESUME_SAFE_KEYS: tuple[str, ...] = (
     "start_step", "lr_first_step", "cap_total_steps", "run_evaluator_only_at_end",
     "log_param_grad_norms_every",
 )  # fmt: skip
-_NOT_LOGGED = ("resume",)  # differs on every resume by design
+_NOT_LOGGED = ("resume",)
+# TrainState components kept in train_state.pt beside the progress when the run has them
+# (loss_scaling on, sampling=hard_examples), absent otherwise so that older checkpoints load.
+OPTIONAL_TRAIN_COMPONENTS = ("loss_scaler", "hard_examples")  # differs on every resume by design
 
 
 class NonFiniteWeightsError(UserError, RuntimeError):
@@ -158,12 +161,11 @@ def save_train_state(
                 "data": data.state_at(state.iteration, state.batches_in_iteration),
             },
         }
-        if "loss_scaler" in components:
-            shared[ckpt.TRAIN_FILE]["loss_scaler"] = components["loss_scaler"]
+        for key in OPTIONAL_TRAIN_COMPONENTS:
+            if key in components:
+                shared[ckpt.TRAIN_FILE][key] = components[key]
         if "ema" in components:
             shared[ckpt.EMA_FILE] = components["ema"]
-        if "hard_examples" in components:
-            shared[ckpt.TRAIN_FILE]["hard_examples"] = components["hard_examples"]
         meta["data"] = data_fingerprints(config)
         if state.provenance:
             meta["provenance"] = state.provenance
@@ -465,12 +467,9 @@ def resume_train_state(
         "progress": train["progress"],
         "strategy": train["strategy"],
     }
-    if "loss_scaler" in train:
-        components["loss_scaler"] = train["loss_scaler"]
+    components.update({k: train[k] for k in OPTIONAL_TRAIN_COMPONENTS if k in train})
     if ckpt.EMA_FILE in shared:
         components["ema"] = shared[ckpt.EMA_FILE]
-    if "hard_examples" in train:
-        components["hard_examples"] = train["hard_examples"]
     state.load_state_dict(components, config, source=str(folder))
     data.load_state_dict(train["data"])
     if per_rank is not None and meta.get("world_size") == dist_info.world_size:

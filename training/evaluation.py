@@ -39,7 +39,7 @@ from evaluators.prediction_images import PredictionSample, StepExactCurve
 from models.losses import sum_row_metrics
 from training.config import PretrainConfig
 from training.latent_search import SearchOutput, TTOConfig, search
-from training.rollout import rollout
+from training.rollout import keep_at_first_halt, rollout
 from training.state import TrainState
 from training.step import sum_over_ranks
 from utils.distributed import DistInfo, gather_objects
@@ -87,11 +87,8 @@ def _score_at_halt(
             "lm_loss": out.lm_loss_per_sample,
             "q_halt_loss": out.q_halt_loss,
         }
-        for k, v in per_row.items():
-            rows[k] = torch.where(newly, v, rows[k]) if k in rows else v.clone()
-        for k, v in out.outputs.items():
-            mask = newly.view(-1, *([1] * (v.ndim - 1)))
-            outputs[k] = torch.where(mask, v, outputs[k]) if k in outputs else v.clone()
+        keep_at_first_halt(rows, per_row, newly)
+        keep_at_first_halt(outputs, out.outputs, newly)
         done = step.done
     assert done is not None
     curve.end_batch()

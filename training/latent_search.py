@@ -105,7 +105,7 @@ from models.ema import unwrap_module
 from models.encoders.base import DemoEncoder
 from models.losses import LossOutput
 from models.recursive_reasoning.act import ACTCarry
-from training.rollout import rollout
+from training.rollout import keep_at_first_halt, rollout
 from utils.schema import ConfigError, StrictModel
 
 Batch = dict[str, torch.Tensor]
@@ -614,19 +614,17 @@ def _predict(
     for part in _chunks(B * A, chunk_rows):
         q_batch = {k: v[rows[part]] for k, v in batch.items()}
         injector.value = flat[part]
-        preds = q_halt = None
+        kept: dict[str, torch.Tensor] = {}
         try:
             with torch.no_grad():
                 for step in rollout(head, q_batch, ["q_halt_logits"]):
-                    newly = step.newly_halted
-                    p, q = step.out.outputs["preds"], step.out.outputs["q_halt_logits"]
-                    preds = p.clone() if preds is None else torch.where(newly[:, None], p, preds)
-                    q_halt = q.clone() if q_halt is None else torch.where(newly, q, q_halt)
+                    outputs = step.out.outputs
+                    values = {k: outputs[k] for k in ("preds", "q_halt_logits")}
+                    keep_at_first_halt(kept, values, step.newly_halted)
         finally:
             injector.value = None
-        assert preds is not None and q_halt is not None
-        all_preds.append(preds)
-        all_q.append(q_halt)
+        all_preds.append(kept["preds"])
+        all_q.append(kept["q_halt_logits"])
     preds, q_halt = torch.cat(all_preds), torch.cat(all_q)
     return preds.long().view(B, A, -1), q_halt.float().view(B, A)
 

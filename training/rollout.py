@@ -8,7 +8,7 @@ outputs), the carry after it and which slots halted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,3 +54,18 @@ def rollout(
         if bool(done.all()):
             return
         index += 1
+
+
+def keep_at_first_halt(
+    kept: dict[str, torch.Tensor], values: Mapping[str, torch.Tensor], newly_halted: torch.Tensor
+) -> None:
+    """Evaluation's rule, one step of it: ``kept[k]`` takes ``values[k]`` [B, ...] for the rows
+    that halted at this step for the first time (``RolloutStep.newly_halted`` [B]); a key seen
+    for the first time is copied whole. After the last step every row holds its value at the
+    step it first halted."""
+    for k, v in values.items():
+        if k not in kept:
+            kept[k] = v.clone()
+            continue
+        mask = newly_halted.view(-1, *([1] * (v.ndim - 1)))
+        kept[k] = torch.where(mask, v, kept[k])
